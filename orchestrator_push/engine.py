@@ -1,0 +1,335 @@
+"""The delivery engine: record in memory on the caller's thread, push from one sender thread.
+
+Recording appends to a bounded deque (no lock, no I/O). A daemon thread wakes
+every ``interval`` seconds (or when asked to flush), folds what was recorded
+into one pending payload per Pushgateway group, so any number of records for a
+group between two pushes become one push, and POSTs each changed group over a
+keep-alive connection. Connection errors, 5xx and 429 are retried with
+exponential backoff and jitter, other 4xx are not. After ``fork()`` the child
+gets a fresh, empty engine: what the parent recorded is the parent's to send.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import Metric
+
+from . import schema
+from .config import Config
+from .logs import log, warn_limited
+from .records import FlowRecord, TaskRecord
+from .transport import Outcome, Transport
+
+MIN_BACKOFF = 0.25
+MAX_BACKOFF = 30.0
+#: While a flush waits, a failing group is retried at least this often.
+FLUSH_RETRY = 0.5
+
+_Item = tuple[int, TaskRecord | FlowRecord, tuple[tuple[str, str], ...] | None]
+
+
+@dataclass
+class Stats:
+    """What the engine did; read with :meth:`Engine.stats`."""
+
+    recorded: int = 0
+    pushes: int = 0
+    push_failures: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    rejected: int = 0  # records refused by the gateway (4xx): not retried
+    dropped_queue_full: int = 0
+    dropped_too_many_groups: int = 0
+
+
+@dataclass
+class _Group:
+    path: str
+    payload: dict[str, Metric] = field(default_factory=dict)
+    newest: dict[str, float] = field(default_factory=dict)  # metric -> end time it shows
+    cumulative: schema.Cumulative | None = None
+    pending: int = 0  # records folded in since the last successful push
+    failures: int = 0
+    retry_at: float = 0.0
+    last_try: float = 0.0
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_engines):
+        engine._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Engine:
+    """One per process is the norm (see :func:`orchestrator_push.configure`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: Callable[[Config], Transport] = Transport,
+    ) -> None:
+        self.config = config
+        self._make_transport = transport
+        self._closed = False
+        self._atexit_registered = False
+        self._init_state()
+        _engines.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Engine {self.config.url} pid={self._pid}>"
+
+    def _init_state(self) -> None:
+        self._pid = os.getpid()
+        self._queue: deque[_Item] = deque()
+        self._seq = itertools.count(1)
+        self._start_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._settled_cv = threading.Condition()
+        self._settled = 0  # every record with a lower sequence number is settled
+        self._lost = 0  # records given up on (rejected or dropped): flush() reports them
+        self._flushing = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._groups: dict[schema.GroupKey, _Group] = {}
+        self._stats = Stats()
+
+    def _after_fork(self) -> None:
+        # Locks may have been held by a thread that does not exist here; the
+        # parent still holds (and will deliver) everything recorded before.
+        self._init_state()
+
+    # -- the caller's side: O(1), no I/O, never raises -------------------------
+
+    def record_task(self, rec: TaskRecord, *, cumulative: Mapping[str, str] | None = None) -> None:
+        """Record a finished attempt. With ``cumulative``, also count it (SPEC 3.3)
+        in the group whose extra grouping labels are ``cumulative``."""
+        self._submit(rec, tuple(sorted(cumulative.items())) if cumulative is not None else None)
+
+    def record_flow(self, rec: FlowRecord) -> None:
+        self._submit(rec, None)
+
+    def _submit(self, rec: TaskRecord | FlowRecord,
+                cumulative: tuple[tuple[str, str], ...] | None) -> None:
+        try:
+            if not self.config.enabled or self._closed:
+                return
+            if self._pid != os.getpid():  # a fork that bypassed os.fork's hooks
+                self._after_fork()
+            if len(self._queue) >= self.config.max_queue:
+                self._stats.dropped_queue_full += 1
+                self._lost += 1
+                warn_limited("queue-full", "orchestrator_push: %d records waiting to be sent; "
+                             "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE)", len(self._queue))
+                return
+            self._queue.append((next(self._seq), rec, cumulative))
+            if self._thread is None:
+                self._start()
+        except Exception:  # nothing may reach the user's task
+            warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            t = threading.Thread(target=self._run, name="orchestrator-push", daemon=True)
+            t.start()
+            self._thread = t
+            if not self._atexit_registered:
+                self._atexit_registered = True
+                atexit.register(self._at_exit)
+
+    # -- flush and shutdown ------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Deliver everything recorded so far; wait at most ``timeout`` seconds
+        (default: the configured flush timeout). True when all of it reached the
+        gateway. Never raises."""
+        try:
+            return self._flush(self.config.flush_timeout if timeout is None else timeout)
+        except Exception:
+            warn_limited("flush", "orchestrator_push: flush failed", level=logging.ERROR)
+            return False
+
+    def _flush(self, timeout: float) -> bool:
+        if self._pid != os.getpid():
+            self._after_fork()
+        target = next(self._seq)  # every record recorded before this call has a lower number
+        lost_before = self._lost
+        if self._thread is None:
+            return lost_before == self._lost
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._settled_cv:
+            self._flushing += 1
+        try:
+            self._wake.set()
+            with self._settled_cv:
+                while self._settled < target - 1:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._thread.is_alive():
+                        return False
+                    self._settled_cv.wait(remaining)
+        finally:
+            with self._settled_cv:
+                self._flushing -= 1
+        return self._lost == lost_before
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the sender. Records made afterwards are ignored."""
+        delivered = self.flush(timeout)
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(1.0)
+        return delivered
+
+    def _at_exit(self) -> None:
+        if self._thread is not None and not self._closed and self.pending() and not self.flush():
+            warn_limited("exit", "orchestrator_push: exiting with %d records not delivered "
+                         "to %s", self.pending(), self.config.url)
+
+    def pending(self) -> int:
+        """Records recorded but not yet delivered or given up on."""
+        return len(self._queue) + sum(g.pending for g in list(self._groups.values()))
+
+    def stats(self) -> Stats:
+        s = self._stats
+        return Stats(s.recorded, s.pushes, Counter(s.push_failures), s.retries, s.rejected,
+                     s.dropped_queue_full, s.dropped_too_many_groups)
+
+    # -- the sender thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        transport = self._make_transport(self.config)
+        try:
+            while not self._stopping:
+                self._wake.wait(self._next_wait())
+                self._wake.clear()
+                try:
+                    self._cycle(transport)
+                except Exception:  # keep the sender alive whatever happens
+                    log.exception("orchestrator_push: sender cycle failed")
+        finally:
+            transport.close()
+
+    def _next_wait(self) -> float:
+        wait = self.config.interval
+        now = time.monotonic()
+        for g in list(self._groups.values()):
+            if g.pending:
+                wait = min(wait, max(g.retry_at - now, 0.0))
+        if self._flushing:
+            wait = min(wait, FLUSH_RETRY)
+        return wait
+
+    def _cycle(self, transport: Transport) -> None:
+        mark = next(self._seq)
+        while self._queue:
+            self._fold(*self._queue.popleft())
+        now = time.monotonic()
+        for g in list(self._groups.values()):
+            if not g.pending:
+                continue
+            due = now >= g.retry_at or (self._flushing and now >= g.last_try + FLUSH_RETRY)
+            if due:
+                self._push(transport, g)
+        if not any(g.pending for g in self._groups.values()):
+            with self._settled_cv:
+                self._settled = max(self._settled, mark - 1)
+                self._settled_cv.notify_all()
+
+    def _group(self, key: schema.GroupKey) -> _Group | None:
+        g = self._groups.get(key)
+        if g is None:
+            if len(self._groups) >= self.config.max_groups:
+                self._stats.dropped_too_many_groups += 1
+                self._lost += 1
+                warn_limited("groups", "orchestrator_push: more than %d groups in this process "
+                             "(ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones. "
+                             "Is a run id part of a flow or task name?", self.config.max_groups)
+                return None
+            g = self._groups[key] = _Group(schema.group_path(key))
+        return g
+
+    def _fold(self, _seq: int, rec: TaskRecord | FlowRecord,
+              cumulative: tuple[tuple[str, str], ...] | None) -> None:
+        c = self.config
+        ns, job, static = c.namespace, c.job_for(rec.framework), c.labels
+        self._stats.recorded += 1
+        if isinstance(rec, TaskRecord):
+            key = schema.task_group(job, rec, static)
+            families = schema.task_families(ns, rec)
+        else:
+            key = schema.flow_group(job, rec, static)
+            families = schema.flow_families(ns, rec)
+        g = self._group(key)
+        if g is not None:
+            for fam in families:
+                # An older record arriving late must not hide a newer outcome.
+                if rec.end_time >= g.newest.get(fam.name, float("-inf")):
+                    g.newest[fam.name] = rec.end_time
+                    g.payload[fam.name] = fam
+            g.pending += 1
+        if cumulative is not None and isinstance(rec, TaskRecord):
+            ckey = (("job", job), *cumulative, *sorted(static.items()))
+            cg = self._group(ckey)
+            if cg is not None:
+                if cg.cumulative is None:
+                    cg.cumulative = schema.Cumulative()
+                cg.cumulative.add(rec)
+                cg.pending += 1
+
+    def _push(self, transport: Transport, g: _Group) -> None:
+        payload = dict(g.payload)
+        if g.cumulative is not None:
+            payload.update({f.name: f for f in g.cumulative.families(self.config.namespace)})
+        g.last_try = time.monotonic()
+        outcome = transport.request("POST", g.path, schema.encode(payload))
+        if outcome.ok:
+            self._stats.pushes += 1
+            g.payload.clear()
+            g.pending = 0
+            g.failures = 0
+            g.retry_at = 0.0
+            return
+        reason = _reason(outcome)
+        self._stats.push_failures[reason] += 1
+        if outcome.retryable:
+            g.failures += 1
+            self._stats.retries += 1
+            backoff = min(MAX_BACKOFF, MIN_BACKOFF * 2 ** min(g.failures - 1, 16))
+            g.retry_at = g.last_try + backoff * random.uniform(0.5, 1.0)
+            warn_limited(f"push-{reason}", "orchestrator_push: push to %s failed (%s); "
+                         "retrying with backoff", self.config.url, outcome.error or reason)
+            return
+        # The gateway will refuse this payload again: drop it, say why, count it.
+        self._stats.rejected += g.pending
+        self._lost += g.pending
+        g.payload.clear()
+        g.pending = 0
+        g.failures = 0
+        warn_limited(f"rejected-{outcome.status}", "orchestrator_push: %s refused a push to "
+                     "%s with HTTP %d: %s", self.config.url, g.path, outcome.status,
+                     outcome.error)
+
+
+def _reason(outcome: Outcome) -> str:
+    if outcome.status == 0:
+        return "timeout" if outcome.error == "timed out" else "connection"
+    return f"http_{outcome.status}"

@@ -1,0 +1,67 @@
+"""``orchestrator-push exec``: run a command, report its outcome, keep its exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from .config import load_config
+from .engine import Engine
+from .records import FAILED, SUCCESS, TaskRecord
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+CANNOT_START = 127
+
+
+def exit_code(returncode: int) -> int:
+    """Popen's returncode as a shell reports it: killed by signal N -> 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int:
+    config = load_config(job=job)  # raises ConfigError before the command runs
+    engine = Engine(config)
+    started_wall, started = time.time(), time.monotonic()
+    code = _run(cmd)
+    duration = time.monotonic() - started
+    engine.record_task(TaskRecord(
+        framework="exec", flow=flow, task=task,
+        status=SUCCESS if code == 0 else FAILED,
+        end_time=started_wall + duration, duration=duration, exit_code=code,
+    ))
+    if config.enabled and not engine.close():
+        stats = engine.stats()
+        why = ", ".join(sorted(stats.push_failures)) or "no answer"
+        print(f"orchestrator-push: warning: outcome of job {job!r} not delivered to "
+              f"{config.url} within {config.flush_timeout:g}s ({why}); "
+              f"exit code {code} kept", file=sys.stderr)
+    return code
+
+
+def _run(cmd: Sequence[str]) -> int:
+    try:
+        proc = subprocess.Popen(list(cmd))
+    except OSError as exc:
+        print(f"orchestrator-push: cannot start {cmd[0]!r}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return CANNOT_START
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(OSError):
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        while True:
+            try:
+                return exit_code(proc.wait())
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

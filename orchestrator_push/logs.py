@@ -1,0 +1,34 @@
+"""Rate-limited warnings: a gateway that is down must not flood a worker's log."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+log = logging.getLogger("orchestrator_push")
+
+_WINDOW = 60.0
+_lock = threading.Lock()
+_last: dict[str, tuple[float, int]] = {}  # key -> (last time logged, suppressed since)
+
+
+def warn_limited(key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
+    """Log at most once per minute per ``key``, saying how many were held back."""
+    now = time.monotonic()
+    with _lock:
+        last, suppressed = _last.get(key, (-_WINDOW, 0))
+        if now - last < _WINDOW:
+            _last[key] = (last, suppressed + 1)
+            return
+        _last[key] = (now, 0)
+    if suppressed:
+        msg += " (%d similar messages suppressed)"
+        args = (*args, suppressed)
+    log.log(level, msg, *args)
+
+
+def reset() -> None:
+    """Forget what was logged (tests; a forked child starts afresh)."""
+    with _lock:
+        _last.clear()

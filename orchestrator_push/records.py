@@ -1,0 +1,60 @@
+"""Framework-neutral records of finished work: what every adapter produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUCCESS = "success"
+FAILED = "failed"
+RETRY = "retry"
+SKIPPED = "skipped"
+CANCELLED = "cancelled"
+CRASHED = "crashed"
+REVOKED = "revoked"
+
+#: The statuses each framework can report; ``last_status`` carries a 0 for every
+#: one of them that is not the outcome, so a dashboard never sees a stale 1.
+STATUSES: dict[str, tuple[str, ...]] = {
+    "airflow": (SUCCESS, FAILED, RETRY, SKIPPED),
+    "prefect": (SUCCESS, FAILED, RETRY, CANCELLED, CRASHED),
+    "celery": (SUCCESS, FAILED, RETRY, REVOKED),
+    "exec": (SUCCESS, FAILED),
+}
+ALL_STATUSES = (SUCCESS, FAILED, RETRY, SKIPPED, CANCELLED, CRASHED, REVOKED)
+
+#: Outcomes that set ``last_failure_timestamp_seconds``: final failures only. A
+#: retry will run again; cancelled, revoked and skipped are decisions, not faults.
+FAILURE_STATUSES = frozenset({FAILED, CRASHED})
+
+
+def statuses_for(framework: str) -> tuple[str, ...]:
+    return STATUSES.get(framework, ALL_STATUSES)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One finished attempt of a task.
+
+    ``end_time`` is a unix timestamp; ``duration`` is in seconds (measure it
+    with a monotonic clock where the framework allows). ``attempt`` starts at 1.
+    """
+
+    framework: str
+    flow: str
+    task: str
+    status: str
+    end_time: float
+    duration: float
+    attempt: int = 1
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One finished run of a flow (an Airflow DAG run, a Prefect flow run)."""
+
+    framework: str
+    flow: str
+    status: str
+    end_time: float
+    duration: float

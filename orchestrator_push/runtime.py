@@ -1,0 +1,100 @@
+"""The process-wide engine that adapters and users share.
+
+Adapters call :func:`configure` when they are switched on (start-up: a bad
+setting raises :class:`~orchestrator_push.config.ConfigError` there) and then
+only :func:`record_task` / :func:`record_flow`, which never raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+
+from .config import Config, load_config
+from .engine import Engine
+from .logs import warn_limited
+from .records import FlowRecord, TaskRecord
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+
+
+def configure(config: Config | None = None, *, fallback: Mapping[str, str] | None = None,
+              **overrides: object) -> Engine:
+    """Set up the process-wide engine and return it.
+
+    With no arguments the configuration comes from ``ORCHESTRATOR_PUSH_*``
+    environment variables; ``fallback`` adds a framework's own settings under the
+    same names; keyword arguments set :class:`Config` fields directly. Calling it
+    again with the same configuration keeps the running engine; with a different
+    one, the old engine is flushed and replaced.
+
+    >>> import orchestrator_push
+    >>> orchestrator_push.configure(url="http://127.0.0.1:9091", job="nightly")  # doctest: +SKIP
+    """
+    global _engine
+    new = config if config is not None else load_config(None, fallback=fallback, **overrides)
+    with _lock:
+        old = _engine
+        if old is not None and old.config == new:
+            return old
+        _engine = Engine(new)
+    if old is not None:
+        old.close()
+    return _engine
+
+
+def get_engine() -> Engine | None:
+    """The process-wide engine, configured from the environment on first use.
+
+    Returns None (and logs once) when the environment is invalid: a recording
+    call must not raise in a task. Call :func:`configure` at start-up to see the
+    error instead.
+    """
+    engine = _engine
+    if engine is not None:
+        return engine
+    try:
+        return configure()
+    except Exception as exc:
+        warn_limited("config", "orchestrator_push: disabled, invalid configuration: %s", exc,
+                     level=logging.ERROR)
+        return None
+
+
+def record_task(rec: TaskRecord, *, cumulative: Mapping[str, str] | None = None) -> None:
+    """Record a finished task attempt; it is pushed in the background."""
+    engine = get_engine()
+    if engine is not None:
+        engine.record_task(rec, cumulative=cumulative)
+
+
+def record_flow(rec: FlowRecord) -> None:
+    """Record a finished flow run; it is pushed in the background."""
+    engine = get_engine()
+    if engine is not None:
+        engine.record_flow(rec)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Deliver everything recorded so far in this process, waiting at most
+    ``timeout`` seconds (default ``ORCHESTRATOR_PUSH_FLUSH_TIMEOUT``).
+
+    True when all of it reached the gateway. Never raises.
+
+    >>> import orchestrator_push
+    >>> orchestrator_push.flush(2.0)  # doctest: +SKIP
+    True
+    """
+    engine = _engine
+    return True if engine is None else engine.flush(timeout)
+
+
+def reset() -> None:
+    """Close and forget the process-wide engine (tests, re-configuration)."""
+    global _engine
+    with _lock:
+        old, _engine = _engine, None
+    if old is not None:
+        old.close(0.0)

@@ -1,0 +1,187 @@
+"""The metric schema (SPEC section 3): records in, Pushgateway groups and families out.
+
+This is the only module that knows metric names, types and HELP texts, so they
+are identical in every group and every process (the Pushgateway rejects a push
+whose type differs from the same name in another group).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord, statuses_for
+
+GroupKey = tuple[tuple[str, str], ...]
+Payload = dict[str, Metric]  # metric name -> family; a later family for a name replaces it
+
+#: Bucket bounds (seconds) of ``task_duration_seconds``: from sub-second Celery
+#: tasks to hour-long batch jobs.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"),
+)
+
+_HELP = {
+    "task_last_duration_seconds": "Duration of the last finished attempt of the task.",
+    "task_last_completion_timestamp_seconds": "Unix time the last attempt of the task finished.",
+    "task_last_success_timestamp_seconds": "Unix time of the last successful attempt of the task.",
+    "task_last_failure_timestamp_seconds": "Unix time of the last final failure of the task.",
+    "task_last_status": "1 for the outcome of the last attempt of the task, 0 for other statuses.",
+    "task_last_attempt": "Attempt number of the last finished attempt (1 = first try).",
+    "task_last_exit_code": "Exit code of the last run of the command (128+N: killed by signal N).",
+    "flow_last_duration_seconds": "Duration of the last finished run of the flow.",
+    "flow_last_completion_timestamp_seconds": "Unix time the last run of the flow finished.",
+    "flow_last_success_timestamp_seconds": "Unix time of the last successful run of the flow.",
+    "flow_last_failure_timestamp_seconds": "Unix time of the last failed run of the flow.",
+    "flow_last_status": "1 for the outcome of the last run of the flow, 0 for other statuses.",
+    "task_runs": "Finished task attempts, by outcome.",
+    "task_duration_seconds": "Duration of finished task attempts, by outcome.",
+}
+
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.~-]+$")
+
+
+def help_text(suffix: str) -> str:
+    return _HELP[suffix]
+
+
+def task_group(job: str, rec: TaskRecord, static: Mapping[str, str]) -> GroupKey:
+    return (("job", job), ("flow", rec.flow), ("task", rec.task), *sorted(static.items()))
+
+
+def flow_group(job: str, rec: FlowRecord, static: Mapping[str, str]) -> GroupKey:
+    return (("job", job), ("flow", rec.flow), *sorted(static.items()))
+
+
+def group_path(key: GroupKey) -> str:
+    """The ``/metrics/...`` path of a group.
+
+    Values that are not plain URL-safe words (``/``, empty, spaces, quotes,
+    unicode...) go as ``name@base64/<urlsafe base64>``, which the Pushgateway
+    decodes exactly; ``=`` is its spelling of the empty string.
+    """
+    parts = ["/metrics"]
+    for name, value in key:
+        if _SAFE_VALUE.match(value):
+            parts += [name, value]
+        elif value == "":
+            parts += [f"{name}@base64", "="]
+        else:
+            raw = value.encode("utf-8", errors="surrogateescape")
+            parts += [f"{name}@base64", base64.urlsafe_b64encode(raw).decode("ascii")]
+    return "/".join(parts)
+
+
+def _gauge(ns: str, suffix: str, value: float, framework: str) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(f"{ns}_{suffix}", _HELP[suffix], labels=["framework"])
+    fam.add_metric([framework], value)
+    return fam
+
+
+def _status(ns: str, suffix: str, framework: str, status: str) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(f"{ns}_{suffix}", _HELP[suffix], labels=["framework", "status"])
+    known = statuses_for(framework)
+    for s in known if status in known else (*known, status):
+        fam.add_metric([framework, s], 1.0 if s == status else 0.0)
+    return fam
+
+
+def _last_run(ns: str, kind: str, framework: str, status: str, end: float,
+              duration: float) -> list[Metric]:
+    fams: list[Metric] = [
+        _gauge(ns, f"{kind}_last_duration_seconds", max(duration, 0.0), framework),
+        _gauge(ns, f"{kind}_last_completion_timestamp_seconds", end, framework),
+        _status(ns, f"{kind}_last_status", framework, status),
+    ]
+    if status == SUCCESS:
+        fams.append(_gauge(ns, f"{kind}_last_success_timestamp_seconds", end, framework))
+    elif status in FAILURE_STATUSES:
+        fams.append(_gauge(ns, f"{kind}_last_failure_timestamp_seconds", end, framework))
+    return fams
+
+
+def task_families(ns: str, rec: TaskRecord) -> list[Metric]:
+    """SPEC 3.1. Only the metric names present are replaced at the gateway (POST)."""
+    fams = _last_run(ns, "task", rec.framework, rec.status, rec.end_time, rec.duration)
+    fams.append(_gauge(ns, "task_last_attempt", rec.attempt, rec.framework))
+    if rec.exit_code is not None:
+        fams.append(_gauge(ns, "task_last_exit_code", rec.exit_code, rec.framework))
+    return fams
+
+
+def flow_families(ns: str, rec: FlowRecord) -> list[Metric]:
+    """SPEC 3.2."""
+    return _last_run(ns, "flow", rec.framework, rec.status, rec.end_time, rec.duration)
+
+
+CumulativeKey = tuple[str, str, str, str]  # framework, flow, task, status
+
+
+@dataclass
+class _Series:
+    count: int = 0
+    total: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+
+
+@dataclass
+class Cumulative:
+    """SPEC 3.3: counts and duration histograms of one long-lived process (or node)."""
+
+    series: dict[CumulativeKey, _Series] = field(default_factory=dict)
+
+    def add(self, rec: TaskRecord) -> None:
+        key = (rec.framework, rec.flow, rec.task, rec.status)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = _Series()
+        s.count += 1
+        s.total += max(rec.duration, 0.0)
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if rec.duration <= bound:
+                s.buckets[i] += 1
+                break
+
+    def families(self, ns: str) -> list[Metric]:
+        labels = ["framework", "flow", "task", "status"]
+        runs = CounterMetricFamily(f"{ns}_task_runs", _HELP["task_runs"], labels=labels)
+        hist = HistogramMetricFamily(
+            f"{ns}_task_duration_seconds", _HELP["task_duration_seconds"], labels=labels
+        )
+        for key, s in sorted(self.series.items()):
+            runs.add_metric(list(key), s.count)
+            cumulative, acc = [], 0
+            for bound, n in zip(DURATION_BUCKETS, s.buckets, strict=True):
+                acc += n
+                cumulative.append((_le(bound), acc))
+            hist.add_metric(list(key), cumulative, s.total)
+        return [runs, hist]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class _Families:
+    """The smallest ``Collector``: what ``generate_latest`` needs."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
+def encode(payload: Mapping[str, Metric]) -> bytes:
+    """Prometheus text format 0.0.4, written by prometheus_client."""
+    return generate_latest(_Families(payload.values()))

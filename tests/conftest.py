@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gateway  # noqa: E402
+
+
+@pytest.fixture
+def pushgateway() -> Iterator[gateway.Pushgateway]:
+    """A fresh real Pushgateway on a free 127.0.0.1 port, persistence off."""
+    try:
+        gateway.find_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield from gateway.running()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key in list(os.environ):
+        if key.startswith("ORCHESTRATOR_PUSH_") and key != "ORCHESTRATOR_PUSH_TEST_PUSHGATEWAY":
+            monkeypatch.delenv(key)
+    yield
+    import orchestrator_push
+
+    orchestrator_push.reset()

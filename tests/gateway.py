@@ -1,0 +1,157 @@
+"""A real Pushgateway for tests: the Debian ``prometheus-pushgateway`` binary on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+INSTALL_HINT = (
+    "the Pushgateway binary was not found. Install it with "
+    "`apt-get install -y --no-install-recommends prometheus-pushgateway` "
+    "or point ORCHESTRATOR_PUSH_TEST_PUSHGATEWAY at a pushgateway executable."
+)
+
+
+def find_binary() -> str:
+    explicit = os.environ.get("ORCHESTRATOR_PUSH_TEST_PUSHGATEWAY")
+    if explicit:
+        return explicit
+    for name in ("prometheus-pushgateway", "pushgateway"):
+        found = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+        if found:
+            return found
+    raise RuntimeError(INSTALL_HINT)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+@dataclass
+class Group:
+    labels: dict[str, str]
+    metrics: dict[str, list[tuple[dict[str, str], float]]] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    helps: dict[str, str] = field(default_factory=dict)
+
+    def value(self, name: str, **labels: str) -> float:
+        matches = [v for lab, v in self.metrics.get(name, []) if all(lab.get(k) == x for k, x in labels.items())]
+        if len(matches) != 1:
+            raise KeyError(f"{name}{labels}: {len(matches)} samples in group {self.labels}")
+        return matches[0]
+
+
+class Pushgateway:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], args: list[str]) -> None:
+        self.port = port
+        self.proc = proc
+        self.args = args
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+            return r.read()  # type: ignore[no-any-return]
+
+    def groups(self) -> list[Group]:
+        """Every group the gateway holds, from ``/api/v1/metrics``."""
+        data = json.loads(self.get("/api/v1/metrics"))["data"]
+        out = []
+        for entry in data:
+            g = Group(labels=dict(entry["labels"]))
+            for name, fam in entry.items():
+                if not isinstance(fam, dict) or "metrics" not in fam:
+                    continue
+                g.types[name] = fam["type"]
+                g.helps[name] = fam["help"]
+                samples: list[tuple[dict[str, str], float]] = []
+                for m in fam["metrics"]:
+                    labels = dict(m.get("labels", {}))
+                    if "value" in m:
+                        samples.append((labels, float(m["value"])))
+                    else:  # histogram / summary
+                        samples.append(({**labels, "__count__": "1"}, float(m["count"])))
+                        samples.append(({**labels, "__sum__": "1"}, float(m["sum"])))
+                        for le, count in m.get("buckets", {}).items():
+                            samples.append(({**labels, "le": le}, float(count)))
+                g.metrics[name] = samples
+            out.append(g)
+        return out
+
+    def group(self, **labels: str) -> Group:
+        found = [g for g in self.groups() if all(g.labels.get(k) == v for k, v in labels.items())
+                 and set(g.labels) - {"instance"} == set(labels)]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} groups match {labels}: {[g.labels for g in self.groups()]}")
+        return found[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+def start(port: int | None = None, extra_args: list[str] | None = None,
+          ready_timeout: float = 10.0) -> Pushgateway:
+    binary = find_binary()
+    port = port or free_port()
+    args = [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=",
+            "--log.level=warn", *(extra_args or [])]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    gw = Pushgateway(port, proc, args)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"pushgateway exited with {proc.returncode}: {log.read().decode()[-2000:]}")
+        try:
+            return gw.get("/-/ready") is not None
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    try:
+        wait_until(ready, ready_timeout, what="pushgateway /-/ready")
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
+def running(extra_args: list[str] | None = None) -> Iterator[Pushgateway]:
+    gw = start(extra_args=extra_args)
+    try:
+        yield gw
+    finally:
+        gw.stop()
