@@ -103,6 +103,7 @@ class Engine:
         self._settled_cv = threading.Condition()
         self._settled = 0  # every record with a lower sequence number is settled
         self._lost = 0  # records given up on (rejected or dropped): flush() reports them
+        self._lost_seen = 0  # ... once: the value the last flush() saw
         self._flushing = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -170,9 +171,8 @@ class Engine:
         if self._pid != os.getpid():
             self._after_fork()
         target = next(self._seq)  # every record recorded before this call has a lower number
-        lost_before = self._lost
         if self._thread is None:
-            return lost_before == self._lost
+            return self._nothing_lost()
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._settled_cv:
             self._flushing += 1
@@ -187,13 +187,19 @@ class Engine:
         finally:
             with self._settled_cv:
                 self._flushing -= 1
-        return self._lost == lost_before
+        return self._nothing_lost()
+
+    def _nothing_lost(self) -> bool:
+        """No record was dropped or refused since the previous flush."""
+        lost, self._lost_seen = self._lost - self._lost_seen, self._lost
+        return lost == 0
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, then stop the sender. Records made afterwards are ignored."""
         delivered = self.flush(timeout)
         self._closed = True
         self._stopping = True
+        atexit.unregister(self._at_exit)
         self._wake.set()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(1.0)

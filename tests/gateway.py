@@ -103,7 +103,7 @@ class Pushgateway:
 
     def group(self, **labels: str) -> Group:
         found = [g for g in self.groups() if all(g.labels.get(k) == v for k, v in labels.items())
-                 and set(g.labels) - {"instance"} == set(labels)]
+                 and set(g.labels) == set(labels)]
         if len(found) != 1:
             raise KeyError(f"{len(found)} groups match {labels}: {[g.labels for g in self.groups()]}")
         return found[0]

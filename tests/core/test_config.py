@@ -1,0 +1,140 @@
+"""Configuration: every bad value gives one error naming its variable; secrets never show."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from orchestrator_push import Config, ConfigError, load_config
+
+
+def test_defaults_follow_the_spec() -> None:
+    c = load_config({})
+    assert c.url == "http://localhost:9091"
+    assert c.job is None and c.job_for("celery") == "celery"
+    assert c.namespace == "orchestrator"
+    assert dict(c.labels) == {}
+    assert c.enabled is True and c.tls_verify is True
+    assert c.interval > 0 and c.timeout > 0 and c.flush_timeout > 0
+
+
+def test_environment_values_are_read() -> None:
+    c = load_config({
+        "ORCHESTRATOR_PUSH_URL": "https://gw.example:9443/",
+        "ORCHESTRATOR_PUSH_JOB": "etl",
+        "ORCHESTRATOR_PUSH_NAMESPACE": "acme_batch",
+        "ORCHESTRATOR_PUSH_LABELS": "env=prod, team=data",
+        "ORCHESTRATOR_PUSH_INTERVAL": "2.5",
+        "ORCHESTRATOR_PUSH_ENABLED": "false",
+        "ORCHESTRATOR_PUSH_MAX_QUEUE": "50",
+    })
+    assert c.url == "https://gw.example:9443"
+    assert c.job == "etl" and c.job_for("celery") == "etl"
+    assert c.namespace == "acme_batch"
+    assert dict(c.labels) == {"env": "prod", "team": "data"}
+    assert c.interval == 2.5 and c.enabled is False and c.max_queue == 50
+
+
+def test_precedence_overrides_then_env_then_fallback() -> None:
+    env = {"ORCHESTRATOR_PUSH_JOB": "from-env"}
+    fallback = {"ORCHESTRATOR_PUSH_JOB": "from-framework", "ORCHESTRATOR_PUSH_NAMESPACE": "fw"}
+    assert load_config(env, fallback=fallback).job == "from-env"
+    assert load_config(env, fallback=fallback).namespace == "fw"
+    assert load_config(env, fallback=fallback, job="from-code").job == "from-code"
+    assert load_config({}, fallback=fallback).job == "from-framework"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("ORCHESTRATOR_PUSH_URL", "ftp://gw:21", "http"),
+        ("ORCHESTRATOR_PUSH_URL", "gw:9091", "http"),
+        ("ORCHESTRATOR_PUSH_URL", "http://gw:notaport", "URL"),
+        ("ORCHESTRATOR_PUSH_URL", "http://gw:9091/?a=b", "query"),
+        ("ORCHESTRATOR_PUSH_NAMESPACE", "9lives", "prefix"),
+        ("ORCHESTRATOR_PUSH_NAMESPACE", "has-dash", "prefix"),
+        ("ORCHESTRATOR_PUSH_LABELS", "env", "k=v"),
+        ("ORCHESTRATOR_PUSH_LABELS", "env=prod,env=dev", "twice"),
+        ("ORCHESTRATOR_PUSH_LABELS", "bad-name=x", "label name"),
+        ("ORCHESTRATOR_PUSH_LABELS", "team=", "empty"),
+        ("ORCHESTRATOR_PUSH_INTERVAL", "0", "greater than 0"),
+        ("ORCHESTRATOR_PUSH_INTERVAL", "-1", "greater than 0"),
+        ("ORCHESTRATOR_PUSH_INTERVAL", "soon", "number"),
+        ("ORCHESTRATOR_PUSH_INTERVAL", "nan", "greater than 0"),
+        ("ORCHESTRATOR_PUSH_TIMEOUT", "0", "greater than 0"),
+        ("ORCHESTRATOR_PUSH_FLUSH_TIMEOUT", "-3", "greater than 0"),
+        ("ORCHESTRATOR_PUSH_MAX_QUEUE", "1.5", "number"),
+        ("ORCHESTRATOR_PUSH_ENABLED", "maybe", "true or false"),
+        ("ORCHESTRATOR_PUSH_TLS_VERIFY", "sometimes", "true or false"),
+        ("ORCHESTRATOR_PUSH_CA_BUNDLE", "/nonexistent/ca.pem", "not readable"),
+        ("ORCHESTRATOR_PUSH_PASSWORD_FILE", "/nonexistent/pw", "cannot read"),
+    ],
+)
+def test_invalid_values_name_the_variable(variable: str, value: str, fragment: str) -> None:
+    env = {variable: value}
+    if variable == "ORCHESTRATOR_PUSH_PASSWORD_FILE":
+        env["ORCHESTRATOR_PUSH_USERNAME"] = "u"
+    with pytest.raises(ConfigError) as info:
+        load_config(env)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(variable + ":")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["job", "flow", "task", "framework", "status", "instance", "le",
+                                  "__meta"])
+def test_reserved_static_labels_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_LABELS") as info:
+        load_config({"ORCHESTRATOR_PUSH_LABELS": f"{name}=x"})
+    assert repr(name) in str(info.value)
+
+
+def test_overrides_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_INTERVAL"):
+        load_config({}, interval=0)
+    with pytest.raises(ConfigError, match="configure"):
+        load_config({}, no_such_setting=1)
+
+
+def test_auth_combinations() -> None:
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_PASSWORD"):
+        load_config({"ORCHESTRATOR_PUSH_USERNAME": "u"})
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_BEARER_TOKEN"):
+        load_config({"ORCHESTRATOR_PUSH_USERNAME": "u", "ORCHESTRATOR_PUSH_PASSWORD": "p",
+                     "ORCHESTRATOR_PUSH_BEARER_TOKEN": "t"})
+
+
+def test_secrets_never_show(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2-from-file\n")
+    c = load_config({"ORCHESTRATOR_PUSH_USERNAME": "alice",
+                     "ORCHESTRATOR_PUSH_PASSWORD_FILE": str(pw)})
+    assert c.password is not None and c.password.reveal() == "hunter2-from-file"
+    assert "hunter2" not in repr(c) and "hunter2" not in str(c)
+
+    c2 = load_config({"ORCHESTRATOR_PUSH_URL": "http://bob:s3cr%40t@gw:9091"})
+    assert c2.url == "http://gw:9091" and c2.username == "bob"
+    assert c2.password is not None and c2.password.reveal() == "s3cr@t"
+    assert "s3cr" not in repr(c2)
+
+    c3 = load_config({"ORCHESTRATOR_PUSH_BEARER_TOKEN": "tok-abc123"})
+    assert "tok-abc123" not in repr(c3)
+
+    with pytest.raises(ConfigError) as info:
+        load_config({"ORCHESTRATOR_PUSH_URL": "http://bob:topsecret@gw:bad"})
+    assert "topsecret" not in str(info.value)
+    assert all("topsecret" not in r.getMessage() for r in caplog.records)
+
+
+def test_tls_verification_off_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="orchestrator_push"):
+        c = load_config({"ORCHESTRATOR_PUSH_URL": "https://gw:9091",
+                         "ORCHESTRATOR_PUSH_TLS_VERIFY": "false"})
+    assert c.tls_verify is False
+    assert any("verification is OFF" in r.getMessage() for r in caplog.records)
+
+
+def test_config_is_a_plain_value() -> None:
+    assert load_config({}) == Config()

@@ -1,0 +1,69 @@
+"""Pure functions of the schema: grouping paths and encoding."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from orchestrator_push import schema
+from orchestrator_push.records import FlowRecord, TaskRecord
+
+
+@pytest.mark.parametrize(
+    ("value", "segment"),
+    [
+        ("plain-name_1.2", "flow/plain-name_1.2"),
+        ("", "flow@base64/="),
+        ("a/b", "flow@base64/" + base64.urlsafe_b64encode(b"a/b").decode()),
+        ("with space", "flow@base64/" + base64.urlsafe_b64encode(b"with space").decode()),
+        ("ünï", "flow@base64/" + base64.urlsafe_b64encode("ünï".encode()).decode()),
+    ],
+)
+def test_group_path_encodes_values(value: str, segment: str) -> None:
+    assert schema.group_path((("job", "j"), ("flow", value))) == f"/metrics/job/j/{segment}"
+
+
+def test_encoding_has_no_created_series_and_fixed_help() -> None:
+    rec = TaskRecord("celery", "app", "t", "success", 1000.0, 0.2)
+    cum = schema.Cumulative()
+    cum.add(rec)
+    payload = {f.name: f for f in [*schema.task_families("orchestrator", rec),
+                                   *cum.families("orchestrator")]}
+    text = schema.encode(payload).decode()
+    assert "_created" not in text
+    assert "# TYPE orchestrator_task_runs_total counter" in text
+    assert "# TYPE orchestrator_task_duration_seconds histogram" in text
+    assert 'orchestrator_task_duration_seconds_bucket{flow="app",framework="celery",le="0.25"' in text
+    # HELP comes from one table: the same for a failure in another process.
+    other = {f.name: f for f in schema.task_families("orchestrator", TaskRecord(
+        "airflow", "d", "t", "failed", 5.0, 1.0))}
+    for name, fam in other.items():
+        if name in payload:
+            assert fam.documentation == payload[name].documentation
+
+
+def test_status_gauge_zeroes_every_other_status_of_the_framework() -> None:
+    fams = {f.name: f for f in schema.task_families("ns", TaskRecord(
+        "airflow", "d", "t", "skipped", 1.0, 0.0))}
+    status = {s.labels["status"]: s.value for s in fams["ns_task_last_status"].samples}
+    assert status == {"success": 0, "failed": 0, "retry": 0, "skipped": 1}
+    assert "ns_task_last_success_timestamp_seconds" not in fams
+    assert "ns_task_last_failure_timestamp_seconds" not in fams
+
+
+def test_flow_families_and_failure_timestamp() -> None:
+    fams = {f.name: f for f in schema.flow_families("ns", FlowRecord(
+        "prefect", "f", "crashed", 7.0, 2.0))}
+    assert fams["ns_flow_last_failure_timestamp_seconds"].samples[0].value == 7.0
+    assert "ns_flow_last_success_timestamp_seconds" not in fams
+
+
+def test_histogram_buckets_are_cumulative() -> None:
+    cum = schema.Cumulative()
+    for d in (0.001, 0.3, 0.3, 7200.0):
+        cum.add(TaskRecord("celery", "a", "t", "success", 1.0, d))
+    _runs, hist = cum.families("ns")
+    buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+    assert buckets["0.01"] == 1 and buckets["0.25"] == 1 and buckets["0.5"] == 3
+    assert buckets["3600.0"] == 3 and buckets["+Inf"] == 4
