@@ -40,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--job", required=True, help="value of the job grouping label")
     ex.add_argument("--flow", help="value of the flow label (default: the job name)")
     ex.add_argument("--task", default="main", help="value of the task label (default: main)")
-    ex.add_argument("-v", "--verbose", action="store_true",
-                    help="log delivery details to stderr")
+    ex.add_argument("-v", "--verbose", action="store_true", help="log delivery details to stderr")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     return p
 

@@ -203,8 +203,11 @@ def load_config(
         kw["namespace"] = raw.strip()
     if (raw := get("LABELS")) is not None:
         kw["labels"] = parse_labels(PREFIX + "LABELS", raw)
-    for name, key in (("INTERVAL", "interval"), ("TIMEOUT", "timeout"),
-                      ("FLUSH_TIMEOUT", "flush_timeout")):
+    for name, key in (
+        ("INTERVAL", "interval"),
+        ("TIMEOUT", "timeout"),
+        ("FLUSH_TIMEOUT", "flush_timeout"),
+    ):
         if (raw := get(name)) is not None:
             kw[key] = _positive(PREFIX + name, raw)
     for name, key in (("MAX_QUEUE", "max_queue"), ("MAX_GROUPS", "max_groups")):
@@ -223,8 +226,11 @@ def load_config(
         kw["bearer_token"] = Secret(raw.strip())
     if (raw := get("BEARER_TOKEN_FILE")) is not None:
         kw["bearer_token"] = _read_secret_file(PREFIX + "BEARER_TOKEN_FILE", raw)
-    for name, key in (("CA_BUNDLE", "ca_bundle"), ("CLIENT_CERT", "client_cert"),
-                      ("CLIENT_KEY", "client_key")):
+    for name, key in (
+        ("CA_BUNDLE", "ca_bundle"),
+        ("CLIENT_CERT", "client_cert"),
+        ("CLIENT_KEY", "client_key"),
+    ):
         if (raw := get(name)) is not None:
             kw[key] = _readable_file(PREFIX + name, raw)
 
@@ -253,8 +259,9 @@ def _check(c: Config) -> None:
     if c.job is not None and not c.job:
         raise ConfigError(PREFIX + "JOB", "must not be empty")
     if not _METRIC_PREFIX_RE.match(c.namespace):
-        raise ConfigError(PREFIX + "NAMESPACE",
-                          f"{c.namespace!r} is not a valid metric name prefix")
+        raise ConfigError(
+            PREFIX + "NAMESPACE", f"{c.namespace!r} is not a valid metric name prefix"
+        )
     for n in ("interval", "timeout", "flush_timeout", "max_queue", "max_groups"):
         value = getattr(c, n)
         if not isinstance(value, (int, float)) or not value > 0:

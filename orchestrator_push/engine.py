@@ -125,8 +125,9 @@ class Engine:
     def record_flow(self, rec: FlowRecord) -> None:
         self._submit(rec, None)
 
-    def _submit(self, rec: TaskRecord | FlowRecord,
-                cumulative: tuple[tuple[str, str], ...] | None) -> None:
+    def _submit(
+        self, rec: TaskRecord | FlowRecord, cumulative: tuple[tuple[str, str], ...] | None
+    ) -> None:
         try:
             if not self.config.enabled or self._closed:
                 return
@@ -135,8 +136,12 @@ class Engine:
             if len(self._queue) >= self.config.max_queue:
                 self._stats.dropped_queue_full += 1
                 self._lost += 1
-                warn_limited("queue-full", "orchestrator_push: %d records waiting to be sent; "
-                             "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE)", len(self._queue))
+                warn_limited(
+                    "queue-full",
+                    "orchestrator_push: %d records waiting to be sent; "
+                    "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE)",
+                    len(self._queue),
+                )
                 return
             self._queue.append((next(self._seq), rec, cumulative))
             if self._thread is None:
@@ -207,8 +212,12 @@ class Engine:
 
     def _at_exit(self) -> None:
         if self._thread is not None and not self._closed and self.pending() and not self.flush():
-            warn_limited("exit", "orchestrator_push: exiting with %d records not delivered "
-                         "to %s", self.pending(), self.config.url)
+            warn_limited(
+                "exit",
+                "orchestrator_push: exiting with %d records not delivered to %s",
+                self.pending(),
+                self.config.url,
+            )
 
     def pending(self) -> int:
         """Records recorded but not yet delivered or given up on."""
@@ -216,8 +225,15 @@ class Engine:
 
     def stats(self) -> Stats:
         s = self._stats
-        return Stats(s.recorded, s.pushes, Counter(s.push_failures), s.retries, s.rejected,
-                     s.dropped_queue_full, s.dropped_too_many_groups)
+        return Stats(
+            s.recorded,
+            s.pushes,
+            Counter(s.push_failures),
+            s.retries,
+            s.rejected,
+            s.dropped_queue_full,
+            s.dropped_too_many_groups,
+        )
 
     # -- the sender thread ---------------------------------------------------------
 
@@ -266,15 +282,23 @@ class Engine:
             if len(self._groups) >= self.config.max_groups:
                 self._stats.dropped_too_many_groups += 1
                 self._lost += 1
-                warn_limited("groups", "orchestrator_push: more than %d groups in this process "
-                             "(ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones. "
-                             "Is a run id part of a flow or task name?", self.config.max_groups)
+                warn_limited(
+                    "groups",
+                    "orchestrator_push: more than %d groups in this process "
+                    "(ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones. "
+                    "Is a run id part of a flow or task name?",
+                    self.config.max_groups,
+                )
                 return None
             g = self._groups[key] = _Group(schema.group_path(key))
         return g
 
-    def _fold(self, _seq: int, rec: TaskRecord | FlowRecord,
-              cumulative: tuple[tuple[str, str], ...] | None) -> None:
+    def _fold(
+        self,
+        _seq: int,
+        rec: TaskRecord | FlowRecord,
+        cumulative: tuple[tuple[str, str], ...] | None,
+    ) -> None:
         c = self.config
         ns, job, static = c.namespace, c.job_for(rec.framework), c.labels
         self._stats.recorded += 1
@@ -321,8 +345,12 @@ class Engine:
             self._stats.retries += 1
             backoff = min(MAX_BACKOFF, MIN_BACKOFF * 2 ** min(g.failures - 1, 16))
             g.retry_at = g.last_try + backoff * random.uniform(0.5, 1.0)
-            warn_limited(f"push-{reason}", "orchestrator_push: push to %s failed (%s); "
-                         "retrying with backoff", self.config.url, outcome.error or reason)
+            warn_limited(
+                f"push-{reason}",
+                "orchestrator_push: push to %s failed (%s); retrying with backoff",
+                self.config.url,
+                outcome.error or reason,
+            )
             return
         # The gateway will refuse this payload again: drop it, say why, count it.
         self._stats.rejected += g.pending
@@ -330,9 +358,14 @@ class Engine:
         g.payload.clear()
         g.pending = 0
         g.failures = 0
-        warn_limited(f"rejected-{outcome.status}", "orchestrator_push: %s refused a push to "
-                     "%s with HTTP %d: %s", self.config.url, g.path, outcome.status,
-                     outcome.error)
+        warn_limited(
+            f"rejected-{outcome.status}",
+            "orchestrator_push: %s refused a push to %s with HTTP %d: %s",
+            self.config.url,
+            g.path,
+            outcome.status,
+            outcome.error,
+        )
 
 
 def _reason(outcome: Outcome) -> str:

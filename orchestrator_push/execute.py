@@ -29,17 +29,26 @@ def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int
     started_wall, started = time.time(), time.monotonic()
     code = _run(cmd)
     duration = time.monotonic() - started
-    engine.record_task(TaskRecord(
-        framework="exec", flow=flow, task=task,
-        status=SUCCESS if code == 0 else FAILED,
-        end_time=started_wall + duration, duration=duration, exit_code=code,
-    ))
+    engine.record_task(
+        TaskRecord(
+            framework="exec",
+            flow=flow,
+            task=task,
+            status=SUCCESS if code == 0 else FAILED,
+            end_time=started_wall + duration,
+            duration=duration,
+            exit_code=code,
+        )
+    )
     if config.enabled and not engine.close():
         stats = engine.stats()
         why = ", ".join(sorted(stats.push_failures)) or "no answer"
-        print(f"orchestrator-push: warning: outcome of job {job!r} not delivered to "
-              f"{config.url} within {config.flush_timeout:g}s ({why}); "
-              f"exit code {code} kept", file=sys.stderr)
+        print(
+            f"orchestrator-push: warning: outcome of job {job!r} not delivered to "
+            f"{config.url} within {config.flush_timeout:g}s ({why}); "
+            f"exit code {code} kept",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -47,8 +56,7 @@ def _run(cmd: Sequence[str]) -> int:
     try:
         proc = subprocess.Popen(list(cmd))
     except OSError as exc:
-        print(f"orchestrator-push: cannot start {cmd[0]!r}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"orchestrator-push: cannot start {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return CANNOT_START
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -20,8 +20,9 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 
 
-def configure(config: Config | None = None, *, fallback: Mapping[str, str] | None = None,
-              **overrides: object) -> Engine:
+def configure(
+    config: Config | None = None, *, fallback: Mapping[str, str] | None = None, **overrides: object
+) -> Engine:
     """Set up the process-wide engine and return it.
 
     With no arguments the configuration comes from ``ORCHESTRATOR_PUSH_*``
@@ -58,8 +59,12 @@ def get_engine() -> Engine | None:
     try:
         return configure()
     except Exception as exc:
-        warn_limited("config", "orchestrator_push: disabled, invalid configuration: %s", exc,
-                     level=logging.ERROR)
+        warn_limited(
+            "config",
+            "orchestrator_push: disabled, invalid configuration: %s",
+            exc,
+            level=logging.ERROR,
+        )
         return None
 
 

@@ -28,7 +28,23 @@ Payload = dict[str, Metric]  # metric name -> family; a later family for a name 
 #: Bucket bounds (seconds) of ``task_duration_seconds``: from sub-second Celery
 #: tasks to hour-long batch jobs.
 DURATION_BUCKETS: tuple[float, ...] = (
-    0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"),
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    float("inf"),
 )
 
 _HELP = {
@@ -96,8 +112,9 @@ def _status(ns: str, suffix: str, framework: str, status: str) -> GaugeMetricFam
     return fam
 
 
-def _last_run(ns: str, kind: str, framework: str, status: str, end: float,
-              duration: float) -> list[Metric]:
+def _last_run(
+    ns: str, kind: str, framework: str, status: str, end: float, duration: float
+) -> list[Metric]:
     fams: list[Metric] = [
         _gauge(ns, f"{kind}_last_duration_seconds", max(duration, 0.0), framework),
         _gauge(ns, f"{kind}_last_completion_timestamp_seconds", end, framework),

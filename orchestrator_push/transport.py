@@ -39,8 +39,10 @@ class Outcome:
 class Transport:
     def __init__(self, config: Config) -> None:
         self._base = config.url
-        self._headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
-                         "User-Agent": "orchestrator-push"}
+        self._headers = {
+            "Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
+            "User-Agent": "orchestrator-push",
+        }
         if config.username is not None and config.password is not None:
             token = f"{config.username}:{config.password.reveal()}".encode()
             self._headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
@@ -70,8 +72,12 @@ class Transport:
     def request(self, method: str, path: str, body: bytes = b"") -> Outcome:
         try:
             resp = self._pool.request(
-                method, self._base + path, body=body or None, headers=self._headers,
-                redirect=False, preload_content=True,
+                method,
+                self._base + path,
+                body=body or None,
+                headers=self._headers,
+                redirect=False,
+                preload_content=True,
             )
         except urllib3.exceptions.HTTPError as exc:
             return Outcome(0, _describe(exc))
@@ -93,8 +99,9 @@ def _describe(exc: Exception) -> str:
     name = type(inner).__name__
     if isinstance(inner, urllib3.exceptions.NewConnectionError):
         return "connection refused or unreachable"
-    if isinstance(inner, (urllib3.exceptions.ConnectTimeoutError,
-                          urllib3.exceptions.ReadTimeoutError)):
+    if isinstance(
+        inner, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError)
+    ):
         return "timed out"
     if isinstance(inner, urllib3.exceptions.SSLError) or "SSL" in name:
         return f"TLS error: {str(inner)[:200]}"

@@ -1,0 +1,30 @@
+"""One virtualenv per framework and version (Airflow and Prefect cannot share one).
+
+`nox` runs every session; `nox -s core` runs one. The uv backend installs in seconds.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.error_on_missing_interpreters = True
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy --strict on the package."""
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "orchestrator_push")
+    session.run("mypy", "orchestrator_push")
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """The core and `exec` against a real Pushgateway."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "tests/core", *session.posargs)

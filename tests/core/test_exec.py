@@ -1,0 +1,141 @@
+"""`orchestrator-push exec` as a user runs it: a real subprocess, a real gateway."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from gateway import Pushgateway, free_port
+
+NS = "orchestrator"
+
+
+def cli() -> list[str]:
+    found = shutil.which("orchestrator-push", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "orchestrator_push"]
+
+
+def run(args: list[str], url: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": url, **kw.pop("env", {})}  # type: ignore[dict-item]
+    return subprocess.run([*cli(), *args], env=env, capture_output=True, text=True,
+                          timeout=60, **kw)  # type: ignore[call-overload]
+
+
+def test_success_pushes_every_series_and_exits_0(pushgateway: Pushgateway) -> None:
+    before = time.time()
+    p = run(["exec", "--job", "backup", "--", "sh", "-c", "echo hello; echo oops >&2"],
+            pushgateway.url)
+    assert p.returncode == 0
+    assert p.stdout == "hello\n" and p.stderr == "oops\n"  # streamed through, nothing added
+    g = pushgateway.group(job="backup", flow="backup", task="main")
+    assert g.value(f"{NS}_task_last_status", framework="exec", status="success") == 1
+    assert g.value(f"{NS}_task_last_status", status="failed") == 0
+    assert g.value(f"{NS}_task_last_exit_code") == 0
+    assert g.value(f"{NS}_task_last_attempt") == 1
+    assert 0 <= g.value(f"{NS}_task_last_duration_seconds") < 30
+    done = g.value(f"{NS}_task_last_completion_timestamp_seconds")
+    assert before <= done <= time.time()
+    assert g.value(f"{NS}_task_last_success_timestamp_seconds") == done
+
+
+def test_failure_keeps_the_exit_code_and_flow_task_options(pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "etl", "--flow", "sales", "--task", "load", "--",
+             sys.executable, "-c", "import sys; sys.exit(3)"], pushgateway.url)
+    assert p.returncode == 3
+    g = pushgateway.group(job="etl", flow="sales", task="load")
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+    assert g.value(f"{NS}_task_last_exit_code") == 3
+    assert f"{NS}_task_last_failure_timestamp_seconds" in g.metrics
+
+
+def test_killed_by_signal_exits_128_plus_n(pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "j", "--", "sh", "-c", "kill -TERM $$"], pushgateway.url)
+    assert p.returncode == 128 + signal.SIGTERM
+    g = pushgateway.group(job="j", flow="j", task="main")
+    assert g.value(f"{NS}_task_last_exit_code") == 143
+
+
+def test_command_not_found_exits_127_and_is_reported(pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "j", "--", "/no/such/command-xyz"], pushgateway.url)
+    assert p.returncode == 127
+    assert "cannot start '/no/such/command-xyz'" in p.stderr
+    g = pushgateway.group(job="j", flow="j", task="main")
+    assert g.value(f"{NS}_task_last_exit_code") == 127
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+
+
+def test_stdin_is_inherited(pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "j", "--", "cat"], pushgateway.url, input="piped in\n")
+    assert p.returncode == 0 and p.stdout == "piped in\n"
+
+
+def test_sigterm_is_forwarded_to_the_command(pushgateway: Pushgateway) -> None:
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url}
+    script = "import signal,sys,time\n" \
+             "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(7)))\n" \
+             "print('ready', flush=True)\ntime.sleep(60)\n"
+    proc = subprocess.Popen([*cli(), "exec", "--job", "sig", "--", sys.executable, "-c", script],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 7
+        assert proc.stdout.read() == "got TERM\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    g = pushgateway.group(job="sig", flow="sig", task="main")
+    assert g.value(f"{NS}_task_last_exit_code") == 7
+
+
+def test_gateway_down_exits_promptly_with_the_commands_code() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    p = run(["exec", "--job", "j", "--", "sh", "-c", "exit 5"], url,
+            env={"ORCHESTRATOR_PUSH_FLUSH_TIMEOUT": "1", "ORCHESTRATOR_PUSH_TIMEOUT": "1"})
+    elapsed = time.monotonic() - started
+    assert p.returncode == 5
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "not delivered" in lines[0] and "exit code 5 kept" in lines[0]
+    assert elapsed < 20  # bounded by the 1 s flush timeout plus interpreter start-up
+
+
+def test_invalid_configuration_names_the_variable(pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "j", "--", "true"], pushgateway.url,
+            env={"ORCHESTRATOR_PUSH_LABELS": "job=x"})
+    assert p.returncode == 2
+    assert "ORCHESTRATOR_PUSH_LABELS" in p.stderr and "reserved" in p.stderr
+    assert pushgateway.groups() == []
+
+
+def test_disabled_runs_the_command_and_pushes_nothing(pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "j", "--", "sh", "-c", "exit 4"], pushgateway.url,
+            env={"ORCHESTRATOR_PUSH_ENABLED": "false"})
+    assert p.returncode == 4 and p.stderr == ""
+    assert pushgateway.groups() == []
+
+
+@pytest.mark.parametrize("args", [["exec", "--job", "j"], ["exec", "--", "true"], []])
+def test_usage_errors(args: list[str]) -> None:
+    p = run(args, "http://127.0.0.1:1")
+    assert p.returncode == 2 and "usage:" in p.stderr
+
+
+def test_help_shows_examples() -> None:
+    p = run(["exec", "--help"], "http://127.0.0.1:1")
+    assert p.returncode == 0 and "orchestrator-push exec --job nightly-backup" in p.stdout
+
+
+def test_delivery_happens_before_exit(pushgateway: Pushgateway) -> None:
+    # The group is there the moment exec returns: no wait, no poll.
+    p = run(["exec", "--job", "immediate", "--", "true"], pushgateway.url,
+            env={"ORCHESTRATOR_PUSH_INTERVAL": "3600"})
+    assert p.returncode == 0
+    assert pushgateway.group(job="immediate", flow="immediate", task="main")
