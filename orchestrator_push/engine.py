@@ -28,7 +28,7 @@ from prometheus_client.metrics_core import Metric
 from . import schema
 from .config import Config
 from .logs import log, warn_limited
-from .records import FlowRecord, TaskRecord
+from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord
 from .transport import Outcome, Transport
 
 MIN_BACKOFF = 0.25
@@ -55,13 +55,45 @@ class Stats:
 @dataclass
 class _Group:
     path: str
-    payload: dict[str, Metric] = field(default_factory=dict)
-    newest: dict[str, float] = field(default_factory=dict)  # metric -> end time it shows
+    kind: str  # "task" or "flow"
+    framework: str = ""
+    # Not yet sent: the newest record, and the newest success / final-failure time.
+    last: TaskRecord | FlowRecord | None = None
+    success_at: float | None = None
+    failure_at: float | None = None
+    # The newest end times seen, so a late older record never hides a newer one.
+    newest: float = float("-inf")
+    newest_success: float = float("-inf")
+    newest_failure: float = float("-inf")
     cumulative: schema.Cumulative | None = None
     pending: int = 0  # records folded in since the last successful push
     failures: int = 0
     retry_at: float = 0.0
     last_try: float = 0.0
+
+    def fold(self, rec: TaskRecord | FlowRecord) -> None:
+        self.framework = rec.framework
+        end = rec.end_time
+        if end >= self.newest:
+            self.newest, self.last = end, rec
+        if rec.status == SUCCESS:
+            if end >= self.newest_success:
+                self.newest_success = self.success_at = end
+        elif rec.status in FAILURE_STATUSES and end >= self.newest_failure:
+            self.newest_failure = self.failure_at = end
+
+    def families(self, ns: str) -> list[Metric]:
+        fams = schema.last_run_families(
+            ns, self.kind, self.framework, self.last, self.success_at, self.failure_at
+        )
+        if self.cumulative is not None:
+            fams += self.cumulative.families(ns)
+        return fams
+
+    def sent(self) -> None:
+        self.last = self.success_at = self.failure_at = None
+        self.pending = self.failures = 0
+        self.retry_at = 0.0
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -276,7 +308,7 @@ class Engine:
                 self._settled = max(self._settled, mark - 1)
                 self._settled_cv.notify_all()
 
-    def _group(self, key: schema.GroupKey) -> _Group | None:
+    def _group(self, key: schema.GroupKey, kind: str) -> _Group | None:
         g = self._groups.get(key)
         if g is None:
             if len(self._groups) >= self.config.max_groups:
@@ -290,7 +322,7 @@ class Engine:
                     self.config.max_groups,
                 )
                 return None
-            g = self._groups[key] = _Group(schema.group_path(key))
+            g = self._groups[key] = _Group(schema.group_path(key), kind)
         return g
 
     def _fold(
@@ -300,25 +332,17 @@ class Engine:
         cumulative: tuple[tuple[str, str], ...] | None,
     ) -> None:
         c = self.config
-        ns, job, static = c.namespace, c.job_for(rec.framework), c.labels
+        job, static = c.job_for(rec.framework), c.labels
         self._stats.recorded += 1
         if isinstance(rec, TaskRecord):
-            key = schema.task_group(job, rec, static)
-            families = schema.task_families(ns, rec)
+            g = self._group(schema.task_group(job, rec, static), "task")
         else:
-            key = schema.flow_group(job, rec, static)
-            families = schema.flow_families(ns, rec)
-        g = self._group(key)
+            g = self._group(schema.flow_group(job, rec, static), "flow")
         if g is not None:
-            for fam in families:
-                # An older record arriving late must not hide a newer outcome.
-                if rec.end_time >= g.newest.get(fam.name, float("-inf")):
-                    g.newest[fam.name] = rec.end_time
-                    g.payload[fam.name] = fam
+            g.fold(rec)
             g.pending += 1
         if cumulative is not None and isinstance(rec, TaskRecord):
-            ckey = (("job", job), *cumulative, *sorted(static.items()))
-            cg = self._group(ckey)
+            cg = self._group((("job", job), *cumulative, *sorted(static.items())), "cumulative")
             if cg is not None:
                 if cg.cumulative is None:
                     cg.cumulative = schema.Cumulative()
@@ -326,17 +350,12 @@ class Engine:
                 cg.pending += 1
 
     def _push(self, transport: Transport, g: _Group) -> None:
-        payload = dict(g.payload)
-        if g.cumulative is not None:
-            payload.update({f.name: f for f in g.cumulative.families(self.config.namespace)})
+        body = schema.encode(g.families(self.config.namespace))
         g.last_try = time.monotonic()
-        outcome = transport.request("POST", g.path, schema.encode(payload))
+        outcome = transport.request("POST", g.path, body)
         if outcome.ok:
             self._stats.pushes += 1
-            g.payload.clear()
-            g.pending = 0
-            g.failures = 0
-            g.retry_at = 0.0
+            g.sent()
             return
         reason = _reason(outcome)
         self._stats.push_failures[reason] += 1
@@ -355,9 +374,7 @@ class Engine:
         # The gateway will refuse this payload again: drop it, say why, count it.
         self._stats.rejected += g.pending
         self._lost += g.pending
-        g.payload.clear()
-        g.pending = 0
-        g.failures = 0
+        g.sent()
         warn_limited(
             f"rejected-{outcome.status}",
             "orchestrator_push: %s refused a push to %s with HTTP %d: %s",

@@ -23,7 +23,6 @@ from prometheus_client.metrics_core import (
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord, statuses_for
 
 GroupKey = tuple[tuple[str, str], ...]
-Payload = dict[str, Metric]  # metric name -> family; a later family for a name replaces it
 
 #: Bucket bounds (seconds) of ``task_duration_seconds``: from sub-second Celery
 #: tasks to hour-long batch jobs.
@@ -112,33 +111,58 @@ def _status(ns: str, suffix: str, framework: str, status: str) -> GaugeMetricFam
     return fam
 
 
-def _last_run(
-    ns: str, kind: str, framework: str, status: str, end: float, duration: float
+def last_run_families(
+    ns: str,
+    kind: str,
+    framework: str,
+    last: TaskRecord | FlowRecord | None,
+    success_at: float | None = None,
+    failure_at: float | None = None,
 ) -> list[Metric]:
-    fams: list[Metric] = [
-        _gauge(ns, f"{kind}_last_duration_seconds", max(duration, 0.0), framework),
-        _gauge(ns, f"{kind}_last_completion_timestamp_seconds", end, framework),
-        _status(ns, f"{kind}_last_status", framework, status),
-    ]
-    if status == SUCCESS:
-        fams.append(_gauge(ns, f"{kind}_last_success_timestamp_seconds", end, framework))
-    elif status in FAILURE_STATUSES:
-        fams.append(_gauge(ns, f"{kind}_last_failure_timestamp_seconds", end, framework))
+    """SPEC 3.1 (``kind`` "task") or 3.2 (``kind`` "flow") for one group.
+
+    ``last`` is the newest finished attempt not yet sent; ``success_at`` and
+    ``failure_at`` are the newest success and final-failure times not yet sent.
+    Only the metric names present are replaced at the gateway (POST), which is
+    how the last success survives a later failure.
+    """
+    fams: list[Metric] = []
+    if last is not None:
+        fams += [
+            _gauge(ns, f"{kind}_last_duration_seconds", max(last.duration, 0.0), framework),
+            _gauge(ns, f"{kind}_last_completion_timestamp_seconds", last.end_time, framework),
+            _status(ns, f"{kind}_last_status", framework, last.status),
+        ]
+        if isinstance(last, TaskRecord):
+            fams.append(_gauge(ns, "task_last_attempt", last.attempt, framework))
+            if last.exit_code is not None:
+                fams.append(_gauge(ns, "task_last_exit_code", last.exit_code, framework))
+    if success_at is not None:
+        fams.append(_gauge(ns, f"{kind}_last_success_timestamp_seconds", success_at, framework))
+    if failure_at is not None:
+        fams.append(_gauge(ns, f"{kind}_last_failure_timestamp_seconds", failure_at, framework))
     return fams
 
 
 def task_families(ns: str, rec: TaskRecord) -> list[Metric]:
-    """SPEC 3.1. Only the metric names present are replaced at the gateway (POST)."""
-    fams = _last_run(ns, "task", rec.framework, rec.status, rec.end_time, rec.duration)
-    fams.append(_gauge(ns, "task_last_attempt", rec.attempt, rec.framework))
-    if rec.exit_code is not None:
-        fams.append(_gauge(ns, "task_last_exit_code", rec.exit_code, rec.framework))
-    return fams
+    """The families of a single task record (SPEC 3.1)."""
+    return _single(ns, rec)
 
 
 def flow_families(ns: str, rec: FlowRecord) -> list[Metric]:
-    """SPEC 3.2."""
-    return _last_run(ns, "flow", rec.framework, rec.status, rec.end_time, rec.duration)
+    """The families of a single flow record (SPEC 3.2)."""
+    return _single(ns, rec)
+
+
+def _single(ns: str, rec: TaskRecord | FlowRecord) -> list[Metric]:
+    return last_run_families(
+        ns,
+        "task" if isinstance(rec, TaskRecord) else "flow",
+        rec.framework,
+        rec,
+        rec.end_time if rec.status == SUCCESS else None,
+        rec.end_time if rec.status in FAILURE_STATUSES else None,
+    )
 
 
 CumulativeKey = tuple[str, str, str, str]  # framework, flow, task, status
@@ -199,6 +223,6 @@ class _Families:
         yield from self._families
 
 
-def encode(payload: Mapping[str, Metric]) -> bytes:
+def encode(families: Iterable[Metric]) -> bytes:
     """Prometheus text format 0.0.4, written by prometheus_client."""
-    return generate_latest(_Families(payload.values()))
+    return generate_latest(_Families(families))

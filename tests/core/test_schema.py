@@ -30,7 +30,7 @@ def test_encoding_has_no_created_series_and_fixed_help() -> None:
     cum.add(rec)
     payload = {f.name: f for f in [*schema.task_families("orchestrator", rec),
                                    *cum.families("orchestrator")]}
-    text = schema.encode(payload).decode()
+    text = schema.encode(payload.values()).decode()
     assert "_created" not in text
     assert "# TYPE orchestrator_task_runs_total counter" in text
     assert "# TYPE orchestrator_task_duration_seconds histogram" in text
