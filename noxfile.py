@@ -28,3 +28,11 @@ def core(session: nox.Session) -> None:
     """The core and `exec` against a real Pushgateway."""
     session.install("-e", ".[dev]")
     session.run("pytest", "tests/core", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("celery", ["5.4", "5.7"])
+def celery(session: nox.Session, celery: str) -> None:
+    """Real Celery workers on a real Redis broker."""
+    session.install("-e", ".[dev]", f"celery[redis]=={celery}.*")
+    session.run("pytest", "tests/celery", *session.posargs)

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from gateway import Pushgateway, free_port, wait_until
+
+HERE = os.path.dirname(__file__)
+sys.path.insert(0, HERE)
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if not found:
+        pytest.fail("redis-server not found: apt-get install -y --no-install-recommends redis-server",
+                    pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis broker on a free 127.0.0.1 port, no persistence."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="op-redis-")
+    proc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+
+    def ping() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    try:
+        wait_until(ping, 10, what="redis ping")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def app(redis_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("TEST_REDIS_URL", redis_url)
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    import celeryapp
+
+    celeryapp.app.conf.broker_url = redis_url
+    celeryapp.app.conf.result_backend = redis_url
+    return celeryapp
+
+
+class Worker:
+    def __init__(self, proc: subprocess.Popen[bytes], log: str) -> None:
+        self.proc = proc
+        self.log = log
+
+    def output(self) -> str:
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Warm shutdown (SIGTERM) by default; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError("worker did not stop in time:\n" + self.output()[-3000:]) from None
+
+
+@pytest.fixture
+def start_worker(redis_url: str, tmp_path: object) -> Iterator[object]:
+    """Start real `celery worker` processes; they are stopped after the test."""
+    workers: list[Worker] = []
+
+    def start(gateway_url: str, *args: str, name: str = "w1", env: dict[str, str] | None = None) -> Worker:
+        log = os.path.join(str(tmp_path), f"{name}.log")
+        full_env = {**os.environ, "TEST_REDIS_URL": redis_url,
+                    "ORCHESTRATOR_PUSH_URL": gateway_url,
+                    "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
+                    "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    **(env or {})}
+        cmd = [sys.executable, "-m", "celery", "-A", "celeryapp", "worker", "-l", "info",
+               "-n", f"{name}@%h", "--without-heartbeat", "--without-gossip", "--without-mingle",
+               *args]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=full_env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+        w = Worker(proc, log)
+        workers.append(w)
+        wait_until(lambda: "ready." in w.output() or proc.poll() is not None, 60, what="worker ready")
+        assert proc.poll() is None, w.output()[-3000:]
+        return w
+
+    yield start
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait(10)
+
+
+def runs_by_status(gw: Pushgateway, task: str | None = None) -> dict[str, float]:
+    """orchestrator_task_runs_total summed over every group at the gateway."""
+    out: dict[str, float] = {}
+    for g in gw.groups():
+        for labels, value in g.metrics.get("orchestrator_task_runs_total", []):
+            if task is None or labels.get("task") == task:
+                out[labels["status"]] = out.get(labels["status"], 0) + value
+    return out

@@ -1,0 +1,105 @@
+"""Celery adapter: real workers (prefork, threads, solo) on a real Redis, a real Pushgateway."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import runs_by_status
+from gateway import Pushgateway, free_port, start, wait_until
+
+NS = "orchestrator"
+
+
+def wait_results(results: list, timeout: float = 60) -> None:  # type: ignore[type-arg]
+    for r in results:
+        r.get(timeout=timeout, propagate=False)
+
+
+def cumulative_groups(gw: Pushgateway) -> list[dict[str, str]]:
+    return [g.labels for g in gw.groups() if f"{NS}_task_runs_total" in g.metrics]
+
+
+def test_prefork_recycling_counts_are_exact(pushgateway: Pushgateway, app, start_worker) -> None:
+    worker = start_worker(pushgateway.url, "--pool", "prefork", "-c", "2",
+                          "--max-tasks-per-child", "3")
+    results = [app.ok.delay(i) for i in range(20)]
+    results += [app.fail.delay() for _ in range(4)]
+    results += [app.flaky.delay() for _ in range(3)]
+    wait_results(results)
+    assert worker.stop() == 0  # warm shutdown
+    runs = runs_by_status(pushgateway)
+    # 20 ok + 4 fail + 3 flaky (each: one retry attempt, then success)
+    assert runs == {"success": 23.0, "failed": 4.0, "retry": 3.0}, runs
+    # One cumulative group for the node, though at least 10 children were forked.
+    groups = cumulative_groups(pushgateway)
+    assert len(groups) == 1 and groups[0]["instance"].startswith("w1@")
+    g = pushgateway.group(job="celery", flow="shop", task="shop.flaky")
+    assert g.value(f"{NS}_task_last_status", framework="celery", status="success") == 1
+    assert g.value(f"{NS}_task_last_attempt") == 2
+    g = pushgateway.group(job="celery", flow="shop", task="shop.fail")
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+    assert f"{NS}_task_last_failure_timestamp_seconds" in g.metrics
+    h = pushgateway.group(job="celery", instance=groups[0]["instance"])
+    assert h.value(f"{NS}_task_duration_seconds", task="shop.ok", status="success",
+                   __count__="1") == 20
+
+
+@pytest.mark.parametrize("pool", [["--pool", "threads", "-c", "4"], ["--pool", "solo"]])
+def test_threads_and_solo_pools(pushgateway: Pushgateway, app, start_worker, pool) -> None:
+    worker = start_worker(pushgateway.url, *pool)
+    results = [app.ok.delay(i) for i in range(10)] + [app.fail.delay() for _ in range(2)]
+    results += [app.flaky.delay()]
+    wait_results(results)
+    assert worker.stop() == 0
+    assert runs_by_status(pushgateway) == {"success": 11.0, "failed": 2.0, "retry": 1.0}
+    assert len(cumulative_groups(pushgateway)) == 1
+    g = pushgateway.group(job="celery", flow="shop", task="shop.ok")
+    assert 0 <= g.value(f"{NS}_task_last_duration_seconds") < 10
+
+
+def test_revoked_and_hard_time_limit(pushgateway: Pushgateway, app, start_worker) -> None:
+    worker = start_worker(pushgateway.url, "--pool", "prefork", "-c", "2")
+    revoked = app.sleep.apply_async((0,), countdown=2)
+    revoked.revoke()
+    limited = app.hard_limit.delay()
+    wait_until(lambda: revoked.state == "REVOKED", 30, what="revoked state")
+    limited.get(timeout=30, propagate=False)
+    assert limited.state == "FAILURE"
+    # the parent reports both; wait for the push before stopping
+    try:
+        wait_until(lambda: runs_by_status(pushgateway).get("revoked") == 1
+                   and runs_by_status(pushgateway).get("failed") == 1, 20, what="pushed")
+    except AssertionError:
+        raise AssertionError(f"{runs_by_status(pushgateway)}\n{worker.output()[-4000:]}") from None
+    assert worker.stop() == 0
+    assert runs_by_status(pushgateway) == {"revoked": 1.0, "failed": 1.0}  # no double count
+    g = pushgateway.group(job="celery", flow="shop", task="shop.hard_limit")
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+    assert g.value(f"{NS}_task_last_duration_seconds") == 1.0  # the hard limit
+    g = pushgateway.group(job="celery", flow="shop", task="shop.sleep")
+    assert g.value(f"{NS}_task_last_status", status="revoked") == 1
+
+
+def test_gateway_down_tasks_succeed_and_counts_arrive_later(app, start_worker) -> None:
+    port = free_port()
+    worker = start_worker(f"http://127.0.0.1:{port}", "--pool", "prefork", "-c", "2",
+                          "--max-tasks-per-child", "4")
+    results = [app.ok.delay(i) for i in range(12)]
+    assert [r.get(timeout=60) for r in results] == list(range(12))
+    gw = start(port=port)
+    try:
+        wait_until(lambda: runs_by_status(gw) == {"success": 12.0}, 30,
+                   what="counts after the gateway came up")
+        assert worker.stop() == 0
+        assert runs_by_status(gw) == {"success": 12.0}
+    finally:
+        gw.stop()
+
+
+def test_app_conf_settings(pushgateway: Pushgateway, app, start_worker) -> None:
+    worker = start_worker(pushgateway.url, "--pool", "solo",
+                          env={"ORCHESTRATOR_PUSH_JOB": "shop-workers",
+                               "ORCHESTRATOR_PUSH_LABELS": "env=test"})
+    app.ok.delay(1).get(timeout=30)
+    assert worker.stop() == 0
+    g = pushgateway.group(job="shop-workers", flow="shop", task="shop.ok", env="test")
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
