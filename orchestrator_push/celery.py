@@ -272,11 +272,14 @@ def on_worker_shutdown(**_: Any) -> None:
 
 
 def _parent_exit() -> None:
+    """Warm shutdown, then atexit: the second call returns at once."""
+    engine = runtime.get_engine()
+    if engine is None:
+        return
     relay = _relay
-    timeout = _flush_timeout()
-    if relay is not None and os.getpid() == relay.owner:
-        relay.sync(timeout)
-    runtime.flush(timeout)
+    if relay is not None and os.getpid() == relay.owner and engine._exit_flushed is None:
+        relay.sync(engine.config.flush_timeout)
+    engine.flush_at_exit()
 
 
 def _flush_timeout() -> float:

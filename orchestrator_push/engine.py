@@ -138,6 +138,7 @@ class Engine:
         self._lost_seen = 0  # ... once: the value the last flush() saw
         self._flushing = 0
         self._stopping = False
+        self._exit_flushed: bool | None = None
         self._thread: threading.Thread | None = None
         self._groups: dict[schema.GroupKey, _Group] = {}
         self._stats = Stats()
@@ -242,14 +243,27 @@ class Engine:
             self._thread.join(1.0)
         return delivered
 
-    def _at_exit(self) -> None:
-        if self._thread is not None and not self._closed and self.pending() and not self.flush():
+    def flush_at_exit(self) -> bool:
+        """The process is about to exit: flush once, bounded by the flush timeout.
+
+        Later calls (a framework's shutdown hook, then ``atexit``) return at once,
+        so a gateway that is down delays the exit by one timeout, not several.
+        """
+        if self._exit_flushed is not None:
+            return self._exit_flushed
+        self._exit_flushed = ok = self.flush() if self._thread is not None else True
+        if not ok:
             warn_limited(
                 "exit",
                 "orchestrator_push: exiting with %d records not delivered to %s",
                 self.pending(),
                 self.config.url,
             )
+        return ok
+
+    def _at_exit(self) -> None:
+        if not self._closed:
+            self.flush_at_exit()
 
     def pending(self) -> int:
         """Records recorded but not yet delivered or given up on."""

@@ -9,9 +9,11 @@ from gateway import Pushgateway, free_port, start, wait_until
 NS = "orchestrator"
 
 
-def wait_results(results: list, timeout: float = 60) -> None:  # type: ignore[type-arg]
-    for r in results:
-        r.get(timeout=timeout, propagate=False)
+def wait_results(results: list, timeout: float = 60) -> list:  # type: ignore[type-arg]
+    """Poll the result backend (not its pub/sub, which can miss a result on Celery 5.4)."""
+    wait_until(lambda: all(r.ready() for r in results), timeout, interval=0.05,
+               what="task results")
+    return [r.result for r in results]
 
 
 def cumulative_groups(gw: Pushgateway) -> list[dict[str, str]]:
@@ -62,7 +64,7 @@ def test_revoked_and_hard_time_limit(pushgateway: Pushgateway, app, start_worker
     revoked.revoke()
     limited = app.hard_limit.delay()
     wait_until(lambda: revoked.state == "REVOKED", 30, what="revoked state")
-    limited.get(timeout=30, propagate=False)
+    wait_results([limited])
     assert limited.state == "FAILURE"
     # the parent reports both; wait for the push before stopping
     try:
@@ -84,10 +86,11 @@ def test_gateway_down_tasks_succeed_and_counts_arrive_later(app, start_worker) -
     worker = start_worker(f"http://127.0.0.1:{port}", "--pool", "prefork", "-c", "2",
                           "--max-tasks-per-child", "4")
     results = [app.ok.delay(i) for i in range(12)]
-    assert [r.get(timeout=60) for r in results] == list(range(12))
+    assert wait_results(results) == list(range(12))
     gw = start(port=port)
     try:
-        wait_until(lambda: runs_by_status(gw) == {"success": 12.0}, 30,
+        # the sender's backoff is at most 30 s: the counts arrive within it
+        wait_until(lambda: runs_by_status(gw) == {"success": 12.0}, 60,
                    what="counts after the gateway came up")
         assert worker.stop() == 0
         assert runs_by_status(gw) == {"success": 12.0}
@@ -99,7 +102,7 @@ def test_app_conf_settings(pushgateway: Pushgateway, app, start_worker) -> None:
     worker = start_worker(pushgateway.url, "--pool", "solo",
                           env={"ORCHESTRATOR_PUSH_JOB": "shop-workers",
                                "ORCHESTRATOR_PUSH_LABELS": "env=test"})
-    app.ok.delay(1).get(timeout=30)
+    wait_results([app.ok.delay(1)])
     assert worker.stop() == 0
     g = pushgateway.group(job="shop-workers", flow="shop", task="shop.ok", env="test")
     assert g.value(f"{NS}_task_last_status", status="success") == 1
