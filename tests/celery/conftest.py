@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
@@ -45,6 +46,7 @@ def redis_url() -> Iterator[str]:
         wait_until(ping, 10, what="redis ping")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
+        gc.collect()
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -60,7 +62,10 @@ def app(redis_url: str, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unt
 
     celeryapp.app.conf.broker_url = redis_url
     celeryapp.app.conf.result_backend = redis_url
-    return celeryapp
+    yield celeryapp
+    # AsyncResult.__del__ talks to Redis (Celery 5.4 retries forever when it is
+    # gone): let the test's results go while the broker still runs.
+    gc.collect()
 
 
 class Worker:
