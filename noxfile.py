@@ -38,3 +38,13 @@ def celery(session: nox.Session, celery: str) -> None:
     # Redis transport wants a redis-py that Celery 5.4's extra does not allow.
     session.install("-e", ".[dev]", f"celery[redis]=={celery}.*", f"kombu=={celery}.*")
     session.run("pytest", "tests/celery", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("prefect", ["3.9"])
+def prefect(session: nox.Session, prefect: str) -> None:
+    """Real flows on Prefect's ephemeral API server."""
+    session.install("-e", ".[dev]", f"prefect=={prefect}.*")
+    session.env.update({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    session.run("pytest", "tests/prefect", *session.posargs)
