@@ -47,7 +47,7 @@ _STATUS = {
 
 _lock = threading.Lock()
 _apps: dict[int, Celery] = {}
-_starts: dict[str, tuple[float, float]] = {}  # task id -> (monotonic, wall) at prerun
+_starts: dict[str, float] = {}  # task id -> monotonic time at prerun
 _reported_failures: OrderedDict[str, None] = OrderedDict()  # task ids, see _emit
 _relay: Relay | None = None
 _node: str | None = None
@@ -106,6 +106,19 @@ def _instrumented(task: Any) -> bool:
 
 def _flow(task: Any) -> str:
     return str(getattr(task.app, "main", None) or "celery")
+
+
+def _record_of(task: Any, status: str, duration: float, request: Any) -> TaskRecord:
+    """``attempt`` is ``request.retries + 1``; the record ends now."""
+    return TaskRecord(
+        framework=FRAMEWORK,
+        flow=_flow(task),
+        task=str(task.name),
+        status=status,
+        end_time=time.time(),
+        duration=duration,
+        attempt=int(getattr(request, "retries", 0) or 0) + 1,
+    )
 
 
 def _emit(rec: TaskRecord, node: str | None, once: str | None = None) -> None:
@@ -174,7 +187,7 @@ def _is_prefork(pool_cls: Any) -> bool:
 @_guard
 def on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if task_id is not None and _instrumented(task):
-        _starts[task_id] = (time.monotonic(), time.time())
+        _starts[task_id] = time.monotonic()
 
 
 @_guard
@@ -184,19 +197,9 @@ def on_task_postrun(
     if task_id is None or not _instrumented(task):
         return
     started = _starts.pop(task_id, None)
-    now_mono, now = time.monotonic(), time.time()
-    duration = now_mono - started[0] if started else 0.0
+    duration = time.monotonic() - started if started is not None else 0.0
     request = getattr(task, "request", None)
-    retries = getattr(request, "retries", 0) or 0
-    rec = TaskRecord(
-        framework=FRAMEWORK,
-        flow=_flow(task),
-        task=str(task.name),
-        status=_STATUS.get(state or "", FAILED),
-        end_time=now,
-        duration=duration,
-        attempt=int(retries) + 1,
-    )
+    rec = _record_of(task, _STATUS.get(state or "", FAILED), duration, request)
     # No state: an internal error, or the child being terminated after a hard
     # time limit, which the main process reports too.
     _emit(rec, getattr(request, "hostname", None), once=task_id if state is None else None)
@@ -224,16 +227,8 @@ def on_task_failure(
         return
     limit = getattr(sender, "time_limit", None) or sender.app.conf.task_time_limit
     is_timeout = type(exception).__name__ == "TimeLimitExceeded"
-    request = getattr(sender, "request", None)
-    rec = TaskRecord(
-        framework=FRAMEWORK,
-        flow=_flow(sender),
-        task=str(sender.name),
-        status=FAILED,
-        end_time=time.time(),
-        duration=float(limit) if is_timeout and limit else 0.0,
-        attempt=int(getattr(request, "retries", 0) or 0) + 1,
-    )
+    duration = float(limit) if is_timeout and limit else 0.0
+    rec = _record_of(sender, FAILED, duration, getattr(sender, "request", None))
     _emit(rec, _node, once=task_id)
 
 
@@ -242,15 +237,7 @@ def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     """Sent in the main process for a task revoked before or while it ran."""
     if sender is None or not _instrumented(sender):
         return
-    rec = TaskRecord(
-        framework=FRAMEWORK,
-        flow=_flow(sender),
-        task=str(sender.name),
-        status=REVOKED,
-        end_time=time.time(),
-        duration=0.0,
-        attempt=int(getattr(request, "retries", 0) or 0) + 1,
-    )
+    rec = _record_of(sender, REVOKED, 0.0, request)
     _emit(rec, getattr(request, "hostname", None) or _node)
 
 
