@@ -48,3 +48,12 @@ def prefect(session: nox.Session, prefect: str) -> None:
     session.env.update({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     session.run("pytest", "tests/prefect", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("airflow", ["3.3"])
+def airflow(session: nox.Session, airflow: str) -> None:
+    """Real dag.test() runs with the plugin loaded from its entry point."""
+    session.install("-e", ".[dev]", f"apache-airflow=={airflow}.*",
+                    "apache-airflow-providers-standard")
+    session.run("pytest", "tests/airflow", *session.posargs)

@@ -264,7 +264,7 @@ def _parent_exit() -> None:
     if engine is None:
         return
     relay = _relay
-    if relay is not None and os.getpid() == relay.owner and engine._exit_flushed is None:
+    if relay is not None and os.getpid() == relay.owner:
         relay.sync(engine.config.flush_timeout)
     engine.flush_at_exit()
 

@@ -138,7 +138,7 @@ class Engine:
         self._lost_seen = 0  # ... once: the value the last flush() saw
         self._flushing = 0
         self._stopping = False
-        self._exit_flushed: bool | None = None
+        self._exit_failed_pending: int | None = None  # see flush_at_exit
         self._thread: threading.Thread | None = None
         self._groups: dict[schema.GroupKey, _Group] = {}
         self._stats = Stats()
@@ -244,19 +244,22 @@ class Engine:
         return delivered
 
     def flush_at_exit(self) -> bool:
-        """The process is about to exit: flush once, bounded by the flush timeout.
+        """The process is about to exit: flush, bounded by the flush timeout.
 
-        Later calls (a framework's shutdown hook, then ``atexit``) return at once,
+        Called by a framework's shutdown hook and then by ``atexit``. When a
+        previous call failed and nothing was recorded since, it returns at once,
         so a gateway that is down delays the exit by one timeout, not several.
         """
-        if self._exit_flushed is not None:
-            return self._exit_flushed
-        self._exit_flushed = ok = self.flush() if self._thread is not None else True
+        pending = self.pending()
+        if self._exit_failed_pending is not None and pending <= self._exit_failed_pending:
+            return False
+        ok = self.flush() if self._thread is not None else True
         if not ok:
+            self._exit_failed_pending = self.pending()
             warn_limited(
                 "exit",
                 "orchestrator_push: exiting with %d records not delivered to %s",
-                self.pending(),
+                self._exit_failed_pending,
                 self.config.url,
             )
         return ok

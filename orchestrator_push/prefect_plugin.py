@@ -13,7 +13,7 @@ from prefect.plugins import register_hook
 PREFECT_PLUGIN_API_REQUIRES = ">=0.1,<1"
 
 
-@register_hook  # type: ignore[untyped-decorator,misc,unused-ignore]
+@register_hook
 def setup_environment(*, ctx: Any) -> None:
     from .prefect import instrument
 

@@ -1,0 +1,167 @@
+"""Airflow: a listener plugin, registered by the ``airflow.plugins`` entry point.
+
+Installing ``orchestrator-push[airflow]`` is all it takes: no DAG, airflow.cfg or
+plugins-folder change. The listener only translates task-instance and DAG-run
+events into records; the core delivers them (task runners flush before exit).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime
+from typing import Any
+
+from airflow.listeners import hookimpl
+from airflow.plugins_manager import AirflowPlugin
+
+from . import runtime
+from .config import PREFIX, ConfigError
+from .logs import warn_limited
+from .records import FAILED, RETRY, SKIPPED, SUCCESS, FlowRecord, TaskRecord
+
+FRAMEWORK = "airflow"
+log = logging.getLogger("orchestrator_push")
+
+
+def _airflow_settings() -> dict[str, str]:
+    """The ``[orchestrator_push]`` section of airflow.cfg (and its
+    ``AIRFLOW__ORCHESTRATOR_PUSH__*`` variables) under our variable names."""
+    out: dict[str, str] = {}
+    try:
+        from airflow.configuration import conf
+
+        section = conf.getsection("orchestrator_push") or {}
+        out.update({PREFIX + str(k).upper(): str(v) for k, v in section.items() if v is not None})
+    except Exception:
+        pass
+    # getsection() ignores these when airflow.cfg has no such section.
+    env_prefix = "AIRFLOW__ORCHESTRATOR_PUSH__"
+    for key, value in os.environ.items():
+        if key.startswith(env_prefix):
+            out[PREFIX + key[len(env_prefix) :]] = value
+    return out
+
+
+def _engine_ready() -> bool:
+    """Configure on first use; an invalid setting is logged (naming it), and
+    reporting stays off: raising here would fail the user's task."""
+    if runtime._engine is not None:
+        return True
+    try:
+        runtime.configure(fallback=_airflow_settings())
+        return True
+    except ConfigError as exc:
+        warn_limited(
+            "airflow-config",
+            "orchestrator_push: disabled, invalid configuration: %s",
+            exc,
+            level=logging.ERROR,
+        )
+        return False
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float:
+    if start is None or end is None:
+        return 0.0
+    return max((end - start).total_seconds(), 0.0)
+
+
+def _state(ti: Any) -> str:
+    state = getattr(ti, "state", None)
+    return str(getattr(state, "value", state) or "")
+
+
+def _record_ti(ti: Any, status: str) -> None:
+    # A state set by hand through the API server or UI reaches the listener with
+    # an ORM TaskInstance that has no task: no run happened, nothing to count.
+    if getattr(ti, "task", None) is None or not _engine_ready():
+        return
+    end = getattr(ti, "end_date", None)
+    runtime.record_task(
+        TaskRecord(
+            framework=FRAMEWORK,
+            flow=str(ti.dag_id),
+            task=str(ti.task_id),
+            status=status,
+            end_time=end.timestamp() if end is not None else time.time(),
+            duration=_seconds(getattr(ti, "start_date", None), end),
+            attempt=max(int(getattr(ti, "try_number", 1) or 1), 1),
+        )
+    )
+
+
+def _record_dag_run(dag_run: Any, status: str) -> None:
+    if not _engine_ready():
+        return
+    end = getattr(dag_run, "end_date", None)
+    now = time.time()
+    start = getattr(dag_run, "start_date", None)
+    duration = (
+        _seconds(start, end)
+        if end is not None
+        else (max(now - start.timestamp(), 0.0) if start is not None else 0.0)
+    )
+    runtime.record_flow(
+        FlowRecord(
+            framework=FRAMEWORK,
+            flow=str(dag_run.dag_id),
+            status=status,
+            end_time=end.timestamp() if end is not None else now,
+            duration=duration,
+        )
+    )
+
+
+def _guarded(fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            warn_limited(f"airflow-{fn.__name__}", "orchestrator_push: %s failed", fn.__name__)
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class Listener:
+    """Hook implementations; pluggy passes only the arguments each one names."""
+
+    @hookimpl
+    def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
+        _guarded(_record_ti)(task_instance, SUCCESS)
+
+    @hookimpl
+    def on_task_instance_failed(
+        self, previous_state: Any, task_instance: Any, error: Any = None
+    ) -> None:
+        status = RETRY if _state(task_instance) == "up_for_retry" else FAILED
+        _guarded(_record_ti)(task_instance, status)
+
+    @hookimpl
+    def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:
+        _guarded(_record_ti)(task_instance, SKIPPED)
+
+    @hookimpl
+    def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
+        _guarded(_record_dag_run)(dag_run, SUCCESS)
+
+    @hookimpl
+    def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
+        _guarded(_record_dag_run)(dag_run, FAILED)
+
+    @hookimpl
+    def before_stopping(self, component: Any) -> None:
+        # The task runner exits right after this: deliver now, bounded.
+        engine = runtime._engine
+        if engine is not None:
+            engine.flush_at_exit()
+
+
+listener = Listener()
+
+
+class OrchestratorPushPlugin(AirflowPlugin):
+    name = "orchestrator_push"
+    listeners = [listener]  # noqa: RUF012 - the attribute Airflow reads

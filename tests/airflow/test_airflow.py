@@ -1,0 +1,93 @@
+"""Airflow listener plugin: real dag.test() runs, loaded through the installed entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from gateway import Pushgateway, free_port
+
+NS = "orchestrator"
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def airflow_env() -> Iterator[dict[str, str]]:
+    home = tempfile.mkdtemp(prefix="op-airflow-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_PUSH_")}
+    env.update({"AIRFLOW_HOME": home, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_FOLDER": HERE})
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    subprocess.run([os.path.join(bindir, "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True, timeout=300)
+    yield env
+
+
+def run_sample(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
+    marker = tempfile.mkdtemp(prefix="op-marker-")
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample_dag.py")],
+                          env={**env, "SAMPLE_MARKER_DIR": marker, **extra},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_plugin_is_listed(airflow_env: dict[str, str]) -> None:
+    p = subprocess.run(["airflow", "plugins"], env=airflow_env, capture_output=True, text=True,
+                       timeout=120)
+    assert "orchestrator_push.airflow.Listener" in p.stdout
+
+
+def test_dag_test_reports_every_task_and_the_dag_run(airflow_env: dict[str, str],
+                                                     pushgateway: Pushgateway) -> None:
+    p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=pushgateway.url)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    def group(task: str):  # type: ignore[no-untyped-def]
+        return pushgateway.group(job="airflow", flow="sample", task=task)
+
+    g = group("ok")
+    assert g.value(f"{NS}_task_last_status", framework="airflow", status="success") == 1
+    for other in ("failed", "retry", "skipped"):
+        assert g.value(f"{NS}_task_last_status", status=other) == 0
+    assert g.value(f"{NS}_task_last_attempt") == 1
+    assert 0 < g.value(f"{NS}_task_last_duration_seconds") < 120
+    assert g.value(f"{NS}_task_last_success_timestamp_seconds") == \
+        g.value(f"{NS}_task_last_completion_timestamp_seconds")
+    g = group("fail")
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+    assert f"{NS}_task_last_failure_timestamp_seconds" in g.metrics
+    g = group("flaky")  # failed once (retry), then succeeded on try 2
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    assert g.value(f"{NS}_task_last_attempt") == 2
+    assert f"{NS}_task_last_failure_timestamp_seconds" not in g.metrics
+    g = group("skip")
+    assert g.value(f"{NS}_task_last_status", status="skipped") == 1
+    g = group("double")  # three mapped instances share the task_id
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    f = pushgateway.group(job="airflow", flow="sample")
+    assert f.value(f"{NS}_flow_last_status", status="failed") == 1
+    assert f.value(f"{NS}_flow_last_duration_seconds") > 0
+    assert f.value(f"{NS}_flow_last_failure_timestamp_seconds") > 0
+
+
+def test_airflow_cfg_section_is_read(airflow_env: dict[str, str], pushgateway: Pushgateway) -> None:
+    p = run_sample(airflow_env, AIRFLOW__ORCHESTRATOR_PUSH__URL=pushgateway.url,
+                   AIRFLOW__ORCHESTRATOR_PUSH__JOB="from-cfg",
+                   AIRFLOW__ORCHESTRATOR_PUSH__LABELS="env=test")
+    assert p.returncode == 0, p.stderr[-3000:]
+    g = pushgateway.group(job="from-cfg", flow="sample", task="ok", env="test")
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+
+
+def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str]) -> None:
+    p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=f"http://127.0.0.1:{free_port()}",
+                   ORCHESTRATOR_PUSH_FLUSH_TIMEOUT="1", ORCHESTRATOR_PUSH_TIMEOUT="1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout + p.stderr
+    # the same outcomes as with a gateway: ok and flaky succeed, fail fails
+    assert out.count("new_state=success") >= 5 and "new_state=failed" in out
+    assert "DagRun Finished: dag_id=sample" in out
