@@ -18,7 +18,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 from . import runtime
 from .config import PREFIX, ConfigError
-from .logs import warn_limited
+from .logs import never_raises, warn_limited
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, FlowRecord, TaskRecord
 
 FRAMEWORK = "airflow"
@@ -73,6 +73,7 @@ def _state(ti: Any) -> str:
     return str(getattr(state, "value", state) or "")
 
 
+@never_raises
 def _record_ti(ti: Any, status: str) -> None:
     # A state set by hand through the API server or UI reaches the listener with
     # an ORM TaskInstance that has no task: no run happened, nothing to count.
@@ -92,6 +93,7 @@ def _record_ti(ti: Any, status: str) -> None:
     )
 
 
+@never_raises
 def _record_dag_run(dag_run: Any, status: str) -> None:
     if not _engine_ready():
         return
@@ -114,42 +116,31 @@ def _record_dag_run(dag_run: Any, status: str) -> None:
     )
 
 
-def _guarded(fn: Any) -> Any:
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception:
-            warn_limited(f"airflow-{fn.__name__}", "orchestrator_push: %s failed", fn.__name__)
-
-    wrapper.__name__ = fn.__name__
-    return wrapper
-
-
 class Listener:
     """Hook implementations; pluggy passes only the arguments each one names."""
 
     @hookimpl
     def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
-        _guarded(_record_ti)(task_instance, SUCCESS)
+        _record_ti(task_instance, SUCCESS)
 
     @hookimpl
     def on_task_instance_failed(
         self, previous_state: Any, task_instance: Any, error: Any = None
     ) -> None:
         status = RETRY if _state(task_instance) == "up_for_retry" else FAILED
-        _guarded(_record_ti)(task_instance, status)
+        _record_ti(task_instance, status)
 
     @hookimpl
     def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:
-        _guarded(_record_ti)(task_instance, SKIPPED)
+        _record_ti(task_instance, SKIPPED)
 
     @hookimpl
     def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
-        _guarded(_record_dag_run)(dag_run, SUCCESS)
+        _record_dag_run(dag_run, SUCCESS)
 
     @hookimpl
     def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
-        _guarded(_record_dag_run)(dag_run, FAILED)
+        _record_dag_run(dag_run, FAILED)
 
     @hookimpl
     def before_stopping(self, component: Any) -> None:

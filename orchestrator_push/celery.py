@@ -27,7 +27,7 @@ from celery import Celery, signals
 
 from . import runtime
 from .config import PREFIX, ConfigError
-from .logs import warn_limited
+from .logs import never_raises
 from .records import FAILED, RETRY, REVOKED, SUCCESS, TaskRecord
 from .relay import Relay
 
@@ -155,18 +155,7 @@ def _record_relayed(item: object) -> None:
 # -- signal handlers: each is a few dict operations; none may raise ------------------
 
 
-def _guard(fn: Callable[..., None]) -> Callable[..., None]:
-    def handler(*args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception:
-            warn_limited(f"celery-{fn.__name__}", "orchestrator_push: %s failed", fn.__name__)
-
-    handler.__name__ = fn.__name__
-    return handler
-
-
-@_guard
+@never_raises
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Main process, before the pool forks: open the relay for prefork children."""
     global _relay, _node
@@ -184,13 +173,13 @@ def _is_prefork(pool_cls: Any) -> bool:
     return str(getattr(pool_cls, "__module__", "")).endswith("concurrency.prefork")
 
 
-@_guard
+@never_raises
 def on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if task_id is not None and _instrumented(task):
         _starts[task_id] = time.monotonic()
 
 
-@_guard
+@never_raises
 def on_task_postrun(
     task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
 ) -> None:
@@ -205,7 +194,7 @@ def on_task_postrun(
     _emit(rec, getattr(request, "hostname", None), once=task_id if state is None else None)
 
 
-@_guard
+@never_raises
 def on_task_failure(
     sender: Any = None,
     task_id: str | None = None,
@@ -232,7 +221,7 @@ def on_task_failure(
     _emit(rec, _node, once=task_id)
 
 
-@_guard
+@never_raises
 def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     """Sent in the main process for a task revoked before or while it ran."""
     if sender is None or not _instrumented(sender):
@@ -241,7 +230,7 @@ def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     _emit(rec, getattr(request, "hostname", None) or _node)
 
 
-@_guard
+@never_raises
 def on_worker_process_shutdown(**_: Any) -> None:
     """A pool child is leaving (recycling, shutdown, after a hard time limit):
     hand over what is left; the child then exits with ``os._exit``."""
@@ -253,7 +242,7 @@ def on_worker_process_shutdown(**_: Any) -> None:
         runtime.flush(timeout)
 
 
-@_guard
+@never_raises
 def on_worker_shutdown(**_: Any) -> None:
     _parent_exit()
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
 
 log = logging.getLogger("orchestrator_push")
 
@@ -26,6 +31,25 @@ def warn_limited(key: str, msg: str, *args: object, level: int = logging.WARNING
         msg += " (%d similar messages suppressed)"
         args = (*args, suppressed)
     log.log(level, msg, *args)
+
+
+def never_raises(fn: Callable[P, None]) -> Callable[P, None]:
+    """For framework hooks: an error of ours is logged (rate-limited), never
+    raised into the framework, so it cannot change a task's outcome."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            warn_limited(
+                f"hook-{fn.__name__}",
+                "orchestrator_push: %s failed",
+                fn.__name__,
+                level=logging.ERROR,
+            )
+
+    return wrapper
 
 
 def reset() -> None:
