@@ -110,6 +110,7 @@ def _flow(task: Any) -> str:
 
 def _record_of(task: Any, status: str, duration: float, request: Any) -> TaskRecord:
     """``attempt`` is ``request.retries + 1``; the record ends now."""
+    task_id = getattr(request, "id", None)
     return TaskRecord(
         framework=FRAMEWORK,
         flow=_flow(task),
@@ -118,6 +119,7 @@ def _record_of(task: Any, status: str, duration: float, request: Any) -> TaskRec
         end_time=time.time(),
         duration=duration,
         attempt=int(getattr(request, "retries", 0) or 0) + 1,
+        run_id=str(task_id) if task_id is not None else None,
     )
 
 

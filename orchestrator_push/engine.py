@@ -63,6 +63,7 @@ class _Group:
     failure_at: float | None = None
     # The newest end times seen, so a late older record never hides a newer one.
     newest: float = float("-inf")
+    newest_run: tuple[str | None, int] = (None, 0)  # run id and attempt of ``last``
     newest_success: float = float("-inf")
     newest_failure: float = float("-inf")
     cumulative: schema.Cumulative | None = None
@@ -74,8 +75,14 @@ class _Group:
     def fold(self, rec: TaskRecord | FlowRecord) -> None:
         self.framework = rec.framework
         end = rec.end_time
-        if end >= self.newest:
-            self.newest, self.last = end, rec
+        run_id, attempt = (rec.run_id, rec.attempt) if isinstance(rec, TaskRecord) else (None, 0)
+        if run_id is not None and run_id == self.newest_run[0]:
+            newer = attempt >= self.newest_run[1]  # a retry reported after its next try
+        else:
+            newer = end >= self.newest
+        if newer:
+            self.newest, self.last = max(end, self.newest), rec
+            self.newest_run = (run_id, attempt)
         if rec.status == SUCCESS:
             if end >= self.newest_success:
                 self.newest_success = self.success_at = end

@@ -37,6 +37,9 @@ class TaskRecord:
 
     ``end_time`` is a unix timestamp; ``duration`` is in seconds (measure it
     with a monotonic clock where the framework allows). ``attempt`` starts at 1.
+    ``run_id`` identifies the run across its attempts (a Celery task id): for
+    two attempts of one run the higher attempt is the later outcome, even when
+    the framework reports the earlier attempt last.
     """
 
     framework: str
@@ -47,6 +50,7 @@ class TaskRecord:
     duration: float
     attempt: int = 1
     exit_code: int | None = None
+    run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,23 @@ def test_late_older_record_does_not_hide_newer_outcome(pushgateway: Pushgateway)
     assert g.value(f"{NS}_task_last_success_timestamp_seconds") == 1000.0
 
 
+def test_retry_reported_after_its_next_attempt_does_not_hide_it(pushgateway: Pushgateway) -> None:
+    # Celery publishes the retry before the first attempt's postrun runs: the
+    # second attempt can finish, and be reported, first.
+    e = engine_for(pushgateway.url, interval=60.0)
+    e.record_task(TaskRecord("celery", "f", "t", "success", 1000.0, 1.0, attempt=2, run_id="id-1"))
+    e.record_task(TaskRecord("celery", "f", "t", "retry", 1000.5, 1.0, attempt=1, run_id="id-1"))
+    assert e.flush(10)
+    g = pushgateway.group(job="celery", flow="f", task="t")
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    assert g.value(f"{NS}_task_last_attempt") == 2
+    # another run of the same task is ordered by time again
+    e.record_task(TaskRecord("celery", "f", "t", "failed", 2000.0, 1.0, attempt=1, run_id="id-2"))
+    assert e.flush(10)
+    g = pushgateway.group(job="celery", flow="f", task="t")
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+
+
 def test_flow_records_and_static_labels(pushgateway: Pushgateway) -> None:
     e = engine_for(pushgateway.url, job="etl", labels={"env": "prod"})
     e.record_flow(FlowRecord("airflow", "daily_sales", "success", 3000.0, 42.0))
