@@ -56,3 +56,11 @@ def main_flow(key: str) -> None:
 @flow
 def failing_flow() -> None:
     raise RuntimeError("flow fails")
+
+
+renamed_task = ok_task.with_options(name="renamed_task")
+
+
+@flow(name="with-options-flow")
+def with_options_flow() -> int:
+    return renamed_task(5)

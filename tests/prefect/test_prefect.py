@@ -70,6 +70,15 @@ def test_failing_flow(instrumented: Pushgateway) -> None:
     assert f"{NS}_flow_last_success_timestamp_seconds" not in f.metrics
 
 
+def test_copies_made_with_with_options_are_reported(instrumented: Pushgateway) -> None:
+    flows.calls.clear()
+    assert flows.with_options_flow() == 5
+    assert op.flush(10)
+    g = instrumented.group(job="prefect", flow="with-options-flow", task="renamed_task")
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    assert "user:renamed_task:Completed" in flows.calls  # the copy keeps the user's hook
+
+
 def test_uninstrument_stops_reporting(instrumented: Pushgateway) -> None:
     uninstrument()
     flows.child_flow()
