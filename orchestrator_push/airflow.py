@@ -7,7 +7,6 @@ events into records; the core delivers them (task runners flush before exit).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from datetime import datetime
@@ -17,12 +16,11 @@ from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
 from . import runtime
-from .config import PREFIX, ConfigError
-from .logs import never_raises, warn_limited
+from .config import PREFIX
+from .logs import never_raises
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, FlowRecord, TaskRecord
 
 FRAMEWORK = "airflow"
-log = logging.getLogger("orchestrator_push")
 
 
 def _airflow_settings() -> dict[str, str]:
@@ -44,24 +42,6 @@ def _airflow_settings() -> dict[str, str]:
     return out
 
 
-def _engine_ready() -> bool:
-    """Configure on first use; an invalid setting is logged (naming it), and
-    reporting stays off: raising here would fail the user's task."""
-    if runtime._engine is not None:
-        return True
-    try:
-        runtime.configure(fallback=_airflow_settings())
-        return True
-    except ConfigError as exc:
-        warn_limited(
-            "airflow-config",
-            "orchestrator_push: disabled, invalid configuration: %s",
-            exc,
-            level=logging.ERROR,
-        )
-        return False
-
-
 def _seconds(start: datetime | None, end: datetime | None) -> float:
     if start is None or end is None:
         return 0.0
@@ -77,7 +57,7 @@ def _state(ti: Any) -> str:
 def _record_ti(ti: Any, status: str) -> None:
     # A state set by hand through the API server or UI reaches the listener with
     # an ORM TaskInstance that has no task: no run happened, nothing to count.
-    if getattr(ti, "task", None) is None or not _engine_ready():
+    if getattr(ti, "task", None) is None or runtime.get_engine(_airflow_settings) is None:
         return
     end = getattr(ti, "end_date", None)
     runtime.record_task(
@@ -95,7 +75,7 @@ def _record_ti(ti: Any, status: str) -> None:
 
 @never_raises
 def _record_dag_run(dag_run: Any, status: str) -> None:
-    if not _engine_ready():
+    if runtime.get_engine(_airflow_settings) is None:
         return
     end = getattr(dag_run, "end_date", None)
     now = time.time()
@@ -145,9 +125,7 @@ class Listener:
     @hookimpl
     def before_stopping(self, component: Any) -> None:
         # The task runner exits right after this: deliver now, bounded.
-        engine = runtime._engine
-        if engine is not None:
-            engine.flush_at_exit()
+        runtime.flush_at_exit()
 
 
 listener = Listener()

@@ -237,11 +237,11 @@ def on_worker_process_shutdown(**_: Any) -> None:
     """A pool child is leaving (recycling, shutdown, after a hard time limit):
     hand over what is left; the child then exits with ``os._exit``."""
     relay = _relay
-    timeout = _flush_timeout()
     if relay is not None and relay.in_child():
-        relay.drain(timeout)
+        engine = runtime.get_engine()
+        relay.drain(engine.config.flush_timeout if engine is not None else 1.0)
     else:
-        runtime.flush(timeout)
+        runtime.flush()
 
 
 @never_raises
@@ -252,17 +252,10 @@ def on_worker_shutdown(**_: Any) -> None:
 def _parent_exit() -> None:
     """Warm shutdown, then atexit: the second call returns at once."""
     engine = runtime.get_engine()
-    if engine is None:
-        return
     relay = _relay
-    if relay is not None and os.getpid() == relay.owner:
+    if engine is not None and relay is not None and os.getpid() == relay.owner:
         relay.sync(engine.config.flush_timeout)
-    engine.flush_at_exit()
-
-
-def _flush_timeout() -> float:
-    engine = runtime.get_engine()
-    return engine.config.flush_timeout if engine is not None else 1.0
+    runtime.flush_at_exit()
 
 
 _HANDLERS: tuple[tuple[Any, Callable[..., None]], ...] = (

@@ -51,7 +51,6 @@ class Relay:
         self.dropped = 0
         self._synced: dict[int, threading.Event] = {}
         self._sync_lock = threading.Lock()
-        self._closed = False
         self._thread = threading.Thread(
             target=self._read, name="orchestrator-push-relay", daemon=True
         )
@@ -59,7 +58,7 @@ class Relay:
         os.register_at_fork(after_in_child=self._after_fork)
 
     def in_child(self) -> bool:
-        return os.getpid() != self.owner and not self._closed
+        return os.getpid() != self.owner
 
     def _after_fork(self) -> None:
         # The child only writes. Its copy of the read end would keep the pipe
@@ -124,7 +123,7 @@ class Relay:
 
     def sync(self, timeout: float) -> bool:
         """Parent: wait until every record written before this call was handled."""
-        if os.getpid() != self.owner or self._closed:
+        if os.getpid() != self.owner:
             return True
         event = threading.Event()
         with self._sync_lock:
@@ -172,10 +171,6 @@ class Relay:
             self._handler(second)
         except Exception:
             warn_limited("relay-read", "orchestrator_push: could not read a relayed record")
-
-    def close(self) -> None:
-        """Parent: stop relaying (children then record for themselves)."""
-        self._closed = True
 
 
 def _frame(obj: object) -> bytes:

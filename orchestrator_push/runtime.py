@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .config import Config, load_config
 from .engine import Engine
@@ -18,6 +18,7 @@ from .records import FlowRecord, TaskRecord
 
 _lock = threading.Lock()
 _engine: Engine | None = None
+_invalid = False  # the settings get_engine() found were invalid
 
 
 def configure(
@@ -34,31 +35,36 @@ def configure(
     >>> import orchestrator_push
     >>> orchestrator_push.configure(url="http://127.0.0.1:9091", job="nightly")  # doctest: +SKIP
     """
-    global _engine
+    global _engine, _invalid
     new = config if config is not None else load_config(None, fallback=fallback, **overrides)
     with _lock:
         old = _engine
         if old is not None and old.config == new:
             return old
         _engine = Engine(new)
+        _invalid = False
     if old is not None:
         old.close()
     return _engine
 
 
-def get_engine() -> Engine | None:
-    """The process-wide engine, configured from the environment on first use.
+def get_engine(fallback: Callable[[], Mapping[str, str]] | None = None) -> Engine | None:
+    """The process-wide engine, configured on first use from the environment
+    (and ``fallback()``, a framework's own settings, read only then).
 
-    Returns None (and logs once) when the environment is invalid: a recording
-    call must not raise in a task. Call :func:`configure` at start-up to see the
+    Returns None (and logs once) when the settings are invalid: a recording call
+    must not raise in a task. The failure is remembered, so later calls cost
+    nothing until :func:`configure` succeeds; call it at start-up to see the
     error instead.
     """
+    global _invalid
     engine = _engine
-    if engine is not None:
+    if engine is not None or _invalid:
         return engine
     try:
-        return configure()
+        return configure(fallback=fallback() if fallback is not None else None)
     except Exception as exc:
+        _invalid = True
         warn_limited(
             "config",
             "orchestrator_push: disabled, invalid configuration: %s",
@@ -96,10 +102,16 @@ def flush(timeout: float | None = None) -> bool:
     return True if engine is None else engine.flush(timeout)
 
 
+def flush_at_exit() -> bool:
+    """The process is about to exit: see :meth:`Engine.flush_at_exit`."""
+    engine = _engine
+    return True if engine is None else engine.flush_at_exit()
+
+
 def reset() -> None:
     """Close and forget the process-wide engine (tests, re-configuration)."""
-    global _engine
+    global _engine, _invalid
     with _lock:
-        old, _engine = _engine, None
+        old, _engine, _invalid = _engine, None, False
     if old is not None:
         old.close(0.0)

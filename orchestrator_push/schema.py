@@ -66,10 +66,6 @@ _HELP = {
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.~-]+$")
 
 
-def help_text(suffix: str) -> str:
-    return _HELP[suffix]
-
-
 def task_group(job: str, rec: TaskRecord, static: Mapping[str, str]) -> GroupKey:
     return (("job", job), ("flow", rec.flow), ("task", rec.task), *sorted(static.items()))
 
