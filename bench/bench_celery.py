@@ -41,14 +41,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
 
-    port = gateway.free_port()
     tmp = tempfile.mkdtemp(prefix="op-bench-")
-    redis_proc = subprocess.Popen([*taskset(1), "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no", "--dir", tmp],
-                                  stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    r = redis.Redis.from_url(url)
-    gateway.wait_until(lambda: _ping(r), 10, what="redis")
+    redis_server = gateway.RedisServer(prefix=taskset(1))
+    url, r = redis_server.url, redis_server.client
     gw = gateway.start()
     workers = {}
     try:
@@ -77,7 +72,7 @@ def main() -> None:
                 sent[v] += a.tasks + 2
         # correctness: the instrumented worker's counts reach the gateway exactly
         expected = sent["instrument"]
-        counted = gateway.wait_until(lambda: _counted(gw) == expected and expected, 30,
+        counted = gateway.wait_until(lambda: int(sum(gw.runs_by_status().values())) == expected and expected, 30,
                                      what="instrumented counts at the gateway")
     finally:
         for p in workers.values():
@@ -85,8 +80,7 @@ def main() -> None:
         for p in workers.values():
             p.wait(30)
         gw.stop()
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        redis_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"# celery benchmark: solo workers, Redis broker, {a.tasks} no-op tasks per slice, "
@@ -101,13 +95,6 @@ def main() -> None:
               f"{max(rates[v]):.0f} | {statistics.median(ratios):.3f} | {correct} |")
 
 
-def _ping(r: redis.Redis) -> bool:
-    try:
-        return bool(r.ping())
-    except redis.exceptions.ConnectionError:
-        return False
-
-
 def _slice(app, r: redis.Redis, variant: str, n: int, tag: str) -> float:  # type: ignore[no-untyped-def]
     key = f"gate:{variant}:{tag}"
     q = f"q_{variant}"
@@ -119,14 +106,6 @@ def _slice(app, r: redis.Redis, variant: str, n: int, tag: str) -> float:  # typ
     r.rpush(key, "go")
     gateway.wait_until(lambda: r.get(key + ":end"), 120, interval=0.01, what=f"slice {key}")
     return float(r.get(key + ":end")) - float(r.get(key + ":start"))  # type: ignore[arg-type]
-
-
-def _counted(gw: gateway.Pushgateway) -> int:
-    total = 0.0
-    for g in gw.groups():
-        for _labels, value in g.metrics.get("orchestrator_task_runs_total", []):
-            total += value
-    return int(total)
 
 
 if __name__ == "__main__":

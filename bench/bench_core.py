@@ -24,14 +24,6 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 import orchestrator_push as op
 
 
-def pushes(gw: gateway.Pushgateway) -> int:
-    total = 0
-    for line in gw.get("/metrics").decode().splitlines():
-        if line.startswith("pushgateway_http_requests_total{") and 'handler="push"' in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
-
-
 def pct(samples: list[int], q: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(q * len(s)))] / 1000.0  # ns -> us
@@ -43,7 +35,7 @@ def bench_engine(gw: gateway.Pushgateway, n: int, groups: int) -> dict[str, obje
             for i in range(n)]
     engine.record_task(recs[0])  # start the sender outside the measurement
     assert engine.flush(10)
-    before = pushes(gw)
+    before = gw.push_count()
     lat: list[int] = []
     clock = time.perf_counter_ns
     started = time.perf_counter()
@@ -54,7 +46,7 @@ def bench_engine(gw: gateway.Pushgateway, n: int, groups: int) -> dict[str, obje
     recorded_in = time.perf_counter() - started
     ok = engine.flush(60)
     delivered_in = time.perf_counter() - started
-    made = pushes(gw) - before
+    made = gw.push_count() - before
     engine.close(1)
     held = {g.labels["task"] for g in gw.groups() if g.labels.get("flow") == "bench"}
     correct = ok and held == {f"task-{i}" for i in range(groups)}
@@ -67,7 +59,7 @@ def bench_engine(gw: gateway.Pushgateway, n: int, groups: int) -> dict[str, obje
 def bench_naive(gw: gateway.Pushgateway, n: int, groups: int) -> dict[str, object]:
     lat: list[int] = []
     clock = time.perf_counter_ns
-    before = pushes(gw)
+    before = gw.push_count()
     started = time.perf_counter()
     for i in range(n):
         t0 = clock()
@@ -80,7 +72,7 @@ def bench_naive(gw: gateway.Pushgateway, n: int, groups: int) -> dict[str, objec
                         grouping_key={"flow": "bench", "task": f"task-{i % groups}"})
         lat.append(clock() - t0)
     elapsed = time.perf_counter() - started
-    made = pushes(gw) - before
+    made = gw.push_count() - before
     return {"variant": "naive push_to_gateway", "records": n, "groups": groups,
             "p50_us": pct(lat, 0.50), "p99_us": pct(lat, 0.99), "max_us": max(lat) / 1000,
             "pushes": made, "caller_s": elapsed, "delivered_s": elapsed, "correct": made == n}

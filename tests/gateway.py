@@ -108,6 +108,23 @@ class Pushgateway:
             raise KeyError(f"{len(found)} groups match {labels}: {[g.labels for g in self.groups()]}")
         return found[0]
 
+    def push_count(self) -> int:
+        """Pushes the gateway has handled, from its own request counter."""
+        total = 0
+        for line in self.get("/metrics").decode().splitlines():
+            if line.startswith("pushgateway_http_requests_total{") and 'handler="push"' in line:
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
+
+    def runs_by_status(self, task: str | None = None) -> dict[str, float]:
+        """orchestrator_task_runs_total summed over every group, by status."""
+        out: dict[str, float] = {}
+        for g in self.groups():
+            for labels, value in g.metrics.get("orchestrator_task_runs_total", []):
+                if task is None or labels.get("task") == task:
+                    out[labels["status"]] = out.get(labels["status"], 0) + value
+        return out
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -155,3 +172,42 @@ def running(extra_args: list[str] | None = None) -> Iterator[Pushgateway]:
         yield gw
     finally:
         gw.stop()
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free 127.0.0.1 port, no persistence."""
+
+    def __init__(self, prefix: list[str] | None = None) -> None:
+        binary = shutil.which("redis-server") or (
+            "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+        if binary is None:
+            raise RuntimeError("redis-server not found: "
+                               "apt-get install -y --no-install-recommends redis-server")
+        import redis
+
+        port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="op-redis-")
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc = subprocess.Popen(
+            [*(prefix or []), binary, "--port", str(port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", self.workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.client = redis.Redis.from_url(self.url)
+
+        def ping() -> bool:
+            try:
+                return bool(self.client.ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        try:
+            wait_until(ping, 10, what="redis ping")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)

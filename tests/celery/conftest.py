@@ -2,54 +2,30 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 
 import pytest
-from gateway import Pushgateway, free_port, wait_until
+from gateway import RedisServer, wait_until
 
 HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 
 
-def _redis_binary() -> str:
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-    if not found:
-        pytest.fail("redis-server not found: apt-get install -y --no-install-recommends redis-server",
-                    pytrace=False)
-    return found
-
-
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real Redis broker on a free 127.0.0.1 port, no persistence."""
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="op-redis-")
-    proc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port)
-
-    def ping() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-
     try:
-        wait_until(ping, 10, what="redis ping")
-        yield f"redis://127.0.0.1:{port}/0"
+        server = RedisServer()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server.url
     finally:
         gc.collect()
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.stop()
 
 
 @pytest.fixture
@@ -117,13 +93,3 @@ def start_worker(redis_url: str, tmp_path: object) -> Iterator[object]:
         if w.proc.poll() is None:
             w.proc.kill()
             w.proc.wait(10)
-
-
-def runs_by_status(gw: Pushgateway, task: str | None = None) -> dict[str, float]:
-    """orchestrator_task_runs_total summed over every group at the gateway."""
-    out: dict[str, float] = {}
-    for g in gw.groups():
-        for labels, value in g.metrics.get("orchestrator_task_runs_total", []):
-            if task is None or labels.get("task") == task:
-                out[labels["status"]] = out.get(labels["status"], 0) + value
-    return out

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import redis
-from conftest import runs_by_status
 from gateway import Pushgateway, free_port, start, wait_until
 
 NS = "orchestrator"
@@ -44,9 +43,9 @@ def test_prefork_recycling_counts_are_exact(pushgateway: Pushgateway, app, start
     # SUCCESS. The gateway's count is what this test is about.
     # 20 ok + 4 fail + 3 flaky (each: one retry attempt, then success)
     expected = {"success": 23.0, "failed": 4.0, "retry": 3.0}
-    wait_until(lambda: runs_by_status(pushgateway) == expected, 30, what="counts")
+    wait_until(lambda: pushgateway.runs_by_status() == expected, 30, what="counts")
     assert worker.stop() == 0  # warm shutdown
-    runs = runs_by_status(pushgateway)
+    runs = pushgateway.runs_by_status()
     assert runs == expected, runs
     # One cumulative group for the node, though at least 10 children were forked.
     groups = cumulative_groups(pushgateway)
@@ -69,9 +68,9 @@ def test_threads_and_solo_pools(pushgateway: Pushgateway, app, start_worker, poo
     app.flaky.delay()  # its stored state can end RETRY with threads (a Celery race)
     wait_results(results)
     expected = {"success": 11.0, "failed": 2.0, "retry": 1.0}
-    wait_until(lambda: runs_by_status(pushgateway) == expected, 30, what="counts")
+    wait_until(lambda: pushgateway.runs_by_status() == expected, 30, what="counts")
     assert worker.stop() == 0
-    assert runs_by_status(pushgateway) == expected
+    assert pushgateway.runs_by_status() == expected
     assert len(cumulative_groups(pushgateway)) == 1
     g = pushgateway.group(job="celery", flow="shop", task="shop.ok")
     assert 0 <= g.value(f"{NS}_task_last_duration_seconds") < 10
@@ -86,12 +85,12 @@ def test_revoked_and_hard_time_limit(pushgateway: Pushgateway, app, start_worker
     assert [m["status"] for m in metas] == ["REVOKED", "FAILURE"]
     # the parent reports both; wait for the push before stopping
     try:
-        wait_until(lambda: runs_by_status(pushgateway).get("revoked") == 1
-                   and runs_by_status(pushgateway).get("failed") == 1, 20, what="pushed")
+        wait_until(lambda: pushgateway.runs_by_status().get("revoked") == 1
+                   and pushgateway.runs_by_status().get("failed") == 1, 20, what="pushed")
     except AssertionError:
-        raise AssertionError(f"{runs_by_status(pushgateway)}\n{worker.output()[-4000:]}") from None
+        raise AssertionError(f"{pushgateway.runs_by_status()}\n{worker.output()[-4000:]}") from None
     assert worker.stop() == 0
-    assert runs_by_status(pushgateway) == {"revoked": 1.0, "failed": 1.0}  # no double count
+    assert pushgateway.runs_by_status() == {"revoked": 1.0, "failed": 1.0}  # no double count
     g = pushgateway.group(job="celery", flow="shop", task="shop.hard_limit")
     assert g.value(f"{NS}_task_last_status", status="failed") == 1
     assert g.value(f"{NS}_task_last_duration_seconds") == 1.0  # the hard limit
@@ -108,10 +107,10 @@ def test_gateway_down_tasks_succeed_and_counts_arrive_later(app, start_worker) -
     gw = start(port=port)
     try:
         # the sender's backoff is at most 30 s: the counts arrive within it
-        wait_until(lambda: runs_by_status(gw) == {"success": 12.0}, 60,
+        wait_until(lambda: gw.runs_by_status() == {"success": 12.0}, 60,
                    what="counts after the gateway came up")
         assert worker.stop() == 0
-        assert runs_by_status(gw) == {"success": 12.0}
+        assert gw.runs_by_status() == {"success": 12.0}
     finally:
         gw.stop()
 

@@ -36,15 +36,6 @@ def engine_for(gw_url: str, **kw: object) -> op.Engine:
     return e
 
 
-def push_count(gw: Pushgateway) -> int:
-    text = gw.get("/metrics").decode()
-    total = 0
-    for line in text.splitlines():
-        if line.startswith("pushgateway_http_requests_total{") and 'handler="push"' in line:
-            total += int(float(line.rsplit(" ", 1)[1]))
-    return total
-
-
 def task(status: str, *, flow: str = "nightly", name: str = "load", end: float = 1_700_000_000.0,
          duration: float = 2.5, attempt: int = 1, framework: str = "celery") -> TaskRecord:
     return TaskRecord(framework, flow, name, status, end, duration, attempt)
@@ -86,9 +77,9 @@ def test_success_and_failure_coalesced_in_one_push_keep_both(pushgateway: Pushga
     e.record_task(task("success", end=1000.0))
     e.record_task(task("retry", end=1500.0, attempt=1))
     e.record_task(task("failed", end=2000.0, attempt=2))
-    before = push_count(pushgateway)
+    before = pushgateway.push_count()
     assert e.flush(10)
-    assert push_count(pushgateway) - before == 1
+    assert pushgateway.push_count() - before == 1
     g = pushgateway.group(job="celery", flow="nightly", task="load")
     assert g.value(f"{NS}_task_last_success_timestamp_seconds") == 1000.0
     assert g.value(f"{NS}_task_last_failure_timestamp_seconds") == 2000.0
@@ -168,9 +159,9 @@ def test_thousand_records_one_group_one_push(pushgateway: Pushgateway) -> None:
     e = engine_for(pushgateway.url, interval=60.0)
     for i in range(1000):
         e.record_task(task("success", end=1000.0 + i, attempt=1 + i % 3))
-    before = push_count(pushgateway)
+    before = pushgateway.push_count()
     assert e.flush(10)
-    assert push_count(pushgateway) - before == 1
+    assert pushgateway.push_count() - before == 1
     assert e.stats().pushes == 1 and e.stats().recorded == 1000
     g = pushgateway.group(job="celery", flow="nightly", task="load")
     assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 1999.0
@@ -180,9 +171,9 @@ def test_pushes_grow_with_groups_not_records(pushgateway: Pushgateway) -> None:
     e = engine_for(pushgateway.url, interval=60.0)
     for i in range(500):
         e.record_task(task("success", name=f"t{i % 5}", end=1000.0 + i))
-    before = push_count(pushgateway)
+    before = pushgateway.push_count()
     assert e.flush(10)
-    assert push_count(pushgateway) - before == 5
+    assert pushgateway.push_count() - before == 5
 
 
 def test_cumulative_counts_and_histogram(pushgateway: Pushgateway) -> None:
@@ -242,12 +233,12 @@ def test_4xx_is_not_retried(pushgateway: Pushgateway) -> None:
     assert e.flush(5) is False
     s = e.stats()
     assert s.rejected == 1 and s.push_failures["http_400"] == 1
-    before = push_count(pushgateway)
+    before = pushgateway.push_count()
     # Several intervals pass; no further attempt is made for the refused payload.
     wait_until(lambda: e._settled > 0, 5, what="settled")
     e.record_flow(FlowRecord("airflow", "other", "success", 1.0, 1.0))
     assert e.flush(5)
-    assert push_count(pushgateway) - before == 1  # only the new, valid group
+    assert pushgateway.push_count() - before == 1  # only the new, valid group
     assert e.stats().push_failures["http_400"] == 1
 
 
