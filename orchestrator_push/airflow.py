@@ -7,6 +7,7 @@ events into records; the core delivers them (task runners flush before exit).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import datetime
@@ -21,6 +22,21 @@ from .logs import never_raises
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, FlowRecord, TaskRecord
 
 FRAMEWORK = "airflow"
+log = logging.getLogger(__name__)
+
+# Airflow 2 has no on_task_instance_skipped hook: a DAG run's skipped task
+# instances are reported when the run ends instead (see _record_skipped).
+try:
+    from airflow import __version__ as _AIRFLOW_VERSION
+except ImportError:  # pragma: no cover - every Airflow has it
+    _AIRFLOW_VERSION = "3"
+SKIPPED_AT_DAG_RUN_END = _AIRFLOW_VERSION.startswith("2.")
+
+# When a try started, by our own clock, for task instances whose start_date the
+# hook does not see (Airflow 2's dag.test()). Bounded: entries leave at the end
+# of the try, and a runaway map is cleared rather than grown.
+_STARTED: dict[tuple[Any, ...], float] = {}
+_STARTED_MAX = 10_000
 
 
 def _airflow_settings() -> dict[str, str]:
@@ -53,30 +69,86 @@ def _state(ti: Any) -> str:
     return str(getattr(state, "value", state) or "")
 
 
+def _try_key(ti: Any) -> tuple[Any, ...]:
+    return tuple(getattr(ti, a, None) for a in ("dag_id", "task_id", "run_id", "map_index"))
+
+
+@never_raises
+def _note_start(ti: Any) -> None:
+    if len(_STARTED) >= _STARTED_MAX:
+        _STARTED.clear()
+    _STARTED[_try_key(ti)] = time.time()
+
+
+def _task_record(ti: Any, status: str, started: float | None = None) -> TaskRecord:
+    end = getattr(ti, "end_date", None)
+    end_time = end.timestamp() if end is not None else time.time()
+    start = getattr(ti, "start_date", None)
+    if start is not None and end is not None:
+        duration = _seconds(start, end)
+    elif started is not None:
+        duration = max(end_time - started, 0.0)
+    else:
+        duration = 0.0
+    return TaskRecord(
+        framework=FRAMEWORK,
+        flow=str(ti.dag_id),
+        task=str(ti.task_id),
+        status=status,
+        end_time=end_time,
+        duration=duration,
+        attempt=max(int(getattr(ti, "try_number", 1) or 1), 1),
+    )
+
+
 @never_raises
 def _record_ti(ti: Any, status: str) -> None:
+    started = _STARTED.pop(_try_key(ti), None)
     # A state set by hand through the API server or UI reaches the listener with
     # an ORM TaskInstance that has no task: no run happened, nothing to count.
-    if getattr(ti, "task", None) is None or runtime.get_engine(_airflow_settings) is None:
-        return
-    end = getattr(ti, "end_date", None)
-    runtime.record_task(
-        TaskRecord(
-            framework=FRAMEWORK,
-            flow=str(ti.dag_id),
-            task=str(ti.task_id),
-            status=status,
-            end_time=end.timestamp() if end is not None else time.time(),
-            duration=_seconds(getattr(ti, "start_date", None), end),
-            attempt=max(int(getattr(ti, "try_number", 1) or 1), 1),
+    if getattr(ti, "task", None) is None:
+        log.info(
+            "orchestrator-push: %s.%s set to %s by hand, not counted as a run",
+            getattr(ti, "dag_id", "?"),
+            getattr(ti, "task_id", "?"),
+            status,
         )
-    )
+        return
+    if runtime.get_engine(_airflow_settings) is None:
+        return
+    runtime.record_task(_task_record(ti, status, started))
+
+
+def _record_skipped(dag_run: Any) -> None:
+    """Airflow 2: the run's skipped task instances, reported by the process that
+    ends the run (the scheduler). This includes tasks skipped without running
+    (branching, short-circuit), which Airflow 3 does not report."""
+    from sqlalchemy.orm import object_session
+
+    # The caller's session, never a new one: Airflow 2's NEW_SESSION is the
+    # thread's scoped session, and closing it would detach the scheduler's
+    # objects (its loop then dies on DetachedInstanceError).
+    session = object_session(dag_run)
+    if session is not None:
+        tis = dag_run.get_task_instances(state=["skipped"], session=session)
+    else:  # a detached run (dag.test()): a session of our own, not the scoped one
+        from airflow import settings
+
+        own = settings.Session.session_factory()
+        try:
+            tis = dag_run.get_task_instances(state=["skipped"], session=own)
+        finally:
+            own.close()
+    for ti in tis:
+        runtime.record_task(_task_record(ti, SKIPPED))
 
 
 @never_raises
 def _record_dag_run(dag_run: Any, status: str) -> None:
     if runtime.get_engine(_airflow_settings) is None:
         return
+    if SKIPPED_AT_DAG_RUN_END:
+        _record_skipped(dag_run)
     end = getattr(dag_run, "end_date", None)
     now = time.time()
     start = getattr(dag_run, "start_date", None)
@@ -98,6 +170,10 @@ def _record_dag_run(dag_run: Any, status: str) -> None:
 
 class Listener:
     """Hook implementations; pluggy passes only the arguments each one names."""
+
+    @hookimpl
+    def on_task_instance_running(self, previous_state: Any, task_instance: Any) -> None:
+        _note_start(task_instance)
 
     @hookimpl
     def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import random
 from datetime import datetime
 
-from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG
+try:  # Airflow 3
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2.10
+    from airflow import DAG
+    from airflow.operators.python import PythonOperator
 
 
 def extract() -> int:

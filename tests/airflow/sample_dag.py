@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import datetime
 
-from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG, task
-from airflow.sdk.exceptions import AirflowSkipException
+try:  # Airflow 3
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.sdk import DAG, task
+    from airflow.sdk.exceptions import AirflowSkipException
+except ImportError:  # Airflow 2.10
+    from airflow import DAG
+    from airflow.decorators import task
+    from airflow.exceptions import AirflowSkipException
+    from airflow.operators.python import PythonOperator
 
 MARKER = os.environ.get("SAMPLE_MARKER_DIR", "/tmp")
 
@@ -47,5 +54,9 @@ with DAG("sample", start_date=datetime(2026, 1, 1), schedule=None, catchup=False
 
 
 if __name__ == "__main__":
-    dag.test()
+    run = dag.test()
+    # What Airflow recorded, for the tests to compare with what was pushed.
+    states = {f"{ti.task_id}[{ti.map_index}]": str(getattr(ti.state, "value", ti.state))
+              for ti in run.get_task_instances()}
+    print("STATES " + json.dumps(states, sort_keys=True), f"RUN {run.state}")
     sys.exit(0)
