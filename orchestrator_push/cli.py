@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError
+from . import admin, doctor
+from .config import Config, ConfigError, load_config
 from .execute import run_and_report
+from .groups import parse_duration
 
 EXAMPLES = """\
 examples:
@@ -18,6 +21,50 @@ examples:
 
 exit codes (exec): the command's own; 128+N when it was killed by signal N;
 127 when it could not be started; 2 for a usage or configuration error.
+"""
+
+ADMIN_EXIT = """
+exit codes: 0 done; 1 the gateway could not be read, or a deletion failed
+(delete: no such group); 2 bad arguments or configuration.
+The gateway is ORCHESTRATOR_PUSH_URL (or --url), with the configured auth and TLS.
+"""
+
+STATUS_EXAMPLES = (
+    """\
+examples:
+  orchestrator-push status
+  orchestrator-push status --job airflow --stale 2d
+  orchestrator-push status --json | jq '.[] | select(.status == "failed")'
+"""
+    + ADMIN_EXIT
+)
+
+GC_EXAMPLES = (
+    """\
+examples:
+  orchestrator-push gc --older-than 7d --dry-run
+  orchestrator-push gc --older-than 12h --job ci
+  # crontab: every night, forget what has not been pushed for two weeks
+  15 3 * * *  ORCHESTRATOR_PUSH_URL=http://pushgateway:9091 orchestrator-push gc --older-than 14d
+"""
+    + ADMIN_EXIT
+)
+
+DELETE_EXAMPLES = (
+    """\
+examples:
+  orchestrator-push delete --job airflow --flow old_dag --task extract
+  orchestrator-push delete --job celery --label instance=worker-3@host
+"""
+    + ADMIN_EXIT
+)
+
+DOCTOR_EXAMPLES = """\
+examples:
+  orchestrator-push doctor
+  orchestrator-push doctor --prometheus http://prometheus:9090
+
+exit codes: 0 every check passed; 1 a check failed (its fix is printed).
 """
 
 
@@ -42,7 +89,96 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--task", default="main", help="value of the task label (default: main)")
     ex.add_argument("-v", "--verbose", action="store_true", help="log delivery details to stderr")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+
+    def admin_parser(
+        name: str, help: str, description: str, epilog: str
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.add_argument("--url", help="the Pushgateway (default: ORCHESTRATOR_PUSH_URL)")
+        return sp
+
+    st = admin_parser(
+        "status",
+        "one row per group the Pushgateway holds",
+        "One row per group the Pushgateway holds: last status, last success and "
+        "failure, last duration, last push. Failures in red and stale groups in "
+        "yellow on a terminal; plain text when piped.",
+        STATUS_EXAMPLES,
+    )
+    st.add_argument("--job", help="only this job's groups")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--stale",
+        default="1d",
+        type=_duration,
+        metavar="DURATION",
+        help="mark groups not pushed for this long as stale (default: 1d)",
+    )
+    g = admin_parser(
+        "gc",
+        "delete the groups not pushed for a while",
+        "Delete the groups whose last push is older than DURATION: the expiry the "
+        "Pushgateway lacks. Safe from cron: it only deletes groups it matched.",
+        GC_EXAMPLES,
+    )
+    g.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="e.g. 7d, 12h, 1h30m, 90s",
+    )
+    g.add_argument("--job", help="only this job's groups")
+    g.add_argument("--dry-run", action="store_true", help="print what would be deleted")
+    d = admin_parser(
+        "delete",
+        "delete exactly one group",
+        "Delete the one group whose grouping labels are exactly these.",
+        DELETE_EXAMPLES,
+    )
+    d.add_argument("--job", required=True)
+    d.add_argument("--flow")
+    d.add_argument("--task")
+    d.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another grouping label (repeatable)",
+    )
+    doc = admin_parser(
+        "doctor",
+        "check the configuration, the gateway and Prometheus",
+        "Check the configuration, reach the gateway with the configured auth "
+        "and TLS, push and delete a probe group, and (with --prometheus) check "
+        "that Prometheus scrapes the gateway with honor_labels and sees our "
+        "series. Each problem is printed with its fix.",
+        DOCTOR_EXAMPLES,
+    )
+    doc.add_argument(
+        "--prometheus", metavar="URL", help="Prometheus to check, e.g. http://prometheus:9090"
+    )
     return p
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _config(url: str | None) -> Config:
+    env = dict(os.environ)
+    if url:
+        env["ORCHESTRATOR_PUSH_URL"] = url
+    return load_config(env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +196,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"orchestrator-push: invalid configuration: {exc}", file=sys.stderr)
             return 2
+    if args.command == "doctor":
+        return doctor.run(sys.stdout, url=args.url, prometheus=args.prometheus)
+    try:
+        config = _config(args.url)
+    except ConfigError as exc:
+        print(f"orchestrator-push: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        return admin.status(
+            config, sys.stdout, job=args.job, as_json=args.json, stale_after=args.stale
+        )
+    if args.command == "gc":
+        return admin.gc(
+            config, sys.stdout, older_than=args.older_than, job=args.job, dry_run=args.dry_run
+        )
+    if args.command == "delete":
+        try:
+            extra = admin.parse_label_args(args.label)
+        except ValueError as exc:
+            parser.error(str(exc))
+        labels = {
+            "job": args.job,
+            **{k: v for k, v in (("flow", args.flow), ("task", args.task)) if v is not None},
+        }
+        return admin.delete(config, sys.stdout, labels={**labels, **extra})
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
 

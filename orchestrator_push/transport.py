@@ -70,6 +70,10 @@ class Transport:
         return f"Transport({self._base!r})"
 
     def request(self, method: str, path: str, body: bytes = b"") -> Outcome:
+        return self.fetch(method, path, body)[0]
+
+    def fetch(self, method: str, path: str, body: bytes = b"") -> tuple[Outcome, bytes]:
+        """One request; the answer's body too (empty unless it succeeded)."""
         try:
             resp = self._pool.request(
                 method,
@@ -80,13 +84,13 @@ class Transport:
                 preload_content=True,
             )
         except urllib3.exceptions.HTTPError as exc:
-            return Outcome(0, _describe(exc))
+            return Outcome(0, _describe(exc)), b""
         except (OSError, ValueError) as exc:
-            return Outcome(0, type(exc).__name__)
+            return Outcome(0, type(exc).__name__), b""
         if resp.status in (200, 202):
-            return Outcome(resp.status)
+            return Outcome(resp.status), resp.data
         text = resp.data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
-        return Outcome(resp.status, text or (resp.reason or ""))
+        return Outcome(resp.status, text or (resp.reason or "")), b""
 
     def close(self) -> None:
         self._pool.clear()

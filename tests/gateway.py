@@ -86,7 +86,7 @@ class Pushgateway:
                 if not isinstance(fam, dict) or "metrics" not in fam:
                     continue
                 g.types[name] = fam["type"]
-                g.helps[name] = fam["help"]
+                g.helps[name] = fam.get("help", "")
                 samples: list[tuple[dict[str, str], float]] = []
                 for m in fam["metrics"]:
                     labels = dict(m.get("labels", {}))

@@ -1,0 +1,259 @@
+"""The operator's commands: ``status``, ``gc``, ``delete`` (``doctor`` is in doctor.py).
+
+Each takes a :class:`Config`, writes to a stream and returns the exit code:
+0 done, 1 the gateway could not be read or a deletion failed (or, for
+``delete``, no such group), 2 bad arguments or configuration (cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from .config import Config
+from .groups import (
+    GatewayError,
+    GroupInfo,
+    delete_group,
+    format_age,
+    list_groups,
+)
+from .records import FAILURE_STATUSES
+from .transport import Transport
+
+_RED, _YELLOW, _RESET = "\033[31m", "\033[33m", "\033[0m"
+
+
+def _colour(out: IO[str]) -> bool:
+    return out.isatty() and "NO_COLOR" not in os.environ
+
+
+def _describe(labels: Mapping[str, str]) -> str:
+    return " ".join(f"{k}={v!r}" if not v or " " in v else f"{k}={v}" for k, v in labels.items())
+
+
+def _row(g: GroupInfo, now: float, stale_after: float) -> dict[str, Any]:
+    notes = []
+    if g.push_time is not None and now - g.push_time > stale_after:
+        notes.append("stale")
+    if g.push_failure_time is not None and (
+        g.push_time is None or g.push_failure_time > g.push_time
+    ):
+        notes.append("push failing")
+    return {
+        "labels": g.labels,
+        "job": g.job,
+        "flow": g.labels.get("flow"),
+        "task": g.labels.get("task"),
+        "framework": g.framework,
+        "kind": g.kind,
+        "status": g.status,
+        "duration_seconds": g.duration,
+        "last_completion_timestamp": g.completed_at,
+        "last_success_timestamp": g.success_at,
+        "last_failure_timestamp": g.failure_at,
+        "push_time": g.push_time,
+        "push_failure_time": g.push_failure_time,
+        "stale": "stale" in notes,
+        "push_failing": "push failing" in notes,
+        "notes": notes,
+    }
+
+
+def _ago(now: float, ts: float | None) -> str:
+    return "-" if ts is None else format_age(now - ts) + " ago"
+
+
+def _seconds(d: float | None) -> str:
+    if d is None:
+        return "-"
+    return f"{d:.2f}s" if d < 60 else format_age(d)
+
+
+def status(
+    config: Config,
+    out: IO[str],
+    *,
+    job: str | None = None,
+    as_json: bool = False,
+    stale_after: float = 86400.0,
+    now: float | None = None,
+) -> int:
+    """One row per group: last status, last success and failure, duration, last push."""
+    now = time.time() if now is None else now
+    try:
+        groups = _read(config, job)
+    except GatewayError as exc:
+        return _unreachable(config, exc)
+    rows = [_row(g, now, stale_after) for g in groups]
+    if as_json:
+        json.dump(rows, out, indent=2, sort_keys=True)
+        out.write("\n")
+        return 0
+    if not rows:
+        out.write(f"no groups at {config.url}" + (f" for job {job!r}" if job else "") + "\n")
+        return 0
+    header = [
+        "JOB",
+        "FLOW",
+        "TASK",
+        "STATUS",
+        "LAST SUCCESS",
+        "LAST FAILURE",
+        "DURATION",
+        "PUSHED",
+        "OTHER LABELS",
+        "NOTES",
+    ]
+    table = [header]
+    for r in rows:
+        other = {k: v for k, v in r["labels"].items() if k not in ("job", "flow", "task")}
+        status_text = r["status"] or ("counters" if r["kind"] == "counters" else "-")
+        table.append(
+            [
+                r["job"],
+                r["flow"] or "-",
+                r["task"] or "-",
+                status_text,
+                _ago(now, r["last_success_timestamp"]),
+                _ago(now, r["last_failure_timestamp"]),
+                _seconds(r["duration_seconds"]),
+                _ago(now, r["push_time"]),
+                _describe(other) or "-",
+                ", ".join(r["notes"]) or "-",
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    colour = _colour(out)
+    for i, cells in enumerate(table):
+        line = "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+        if colour and i > 0:
+            r = rows[i - 1]
+            if r["status"] in FAILURE_STATUSES or r["push_failing"]:
+                line = _RED + line + _RESET
+            elif r["stale"]:
+                line = _YELLOW + line + _RESET
+        out.write(line + "\n")
+    return 0
+
+
+def gc(
+    config: Config,
+    out: IO[str],
+    *,
+    older_than: float,
+    job: str | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> int:
+    """Delete the groups whose last push is older than ``older_than`` seconds."""
+    now = time.time() if now is None else now
+    try:
+        groups = _read(config, job)
+    except GatewayError as exc:
+        return _unreachable(config, exc)
+    # A group without push_time was never pushed by a client (it cannot be
+    # aged): never a candidate.
+    old = [g for g in groups if g.push_time is not None and now - g.push_time > older_than]
+    if not old:
+        out.write(
+            f"nothing to delete: no group{' of job ' + repr(job) if job else ''} "
+            f"last pushed more than {format_age(older_than)} ago\n"
+        )
+        return 0
+    failed = 0
+    transport = Transport(config)
+    try:
+        for g in old:
+            age = format_age(now - (g.push_time or now))
+            if dry_run:
+                out.write(f"would delete {_describe(dict(g.key()))} (last push {age} ago)\n")
+                continue
+            outcome = delete_group(transport, g.key())
+            if outcome.ok:
+                out.write(f"deleted {_describe(dict(g.key()))} (last push {age} ago)\n")
+            else:
+                failed += 1
+                out.write(
+                    f"FAILED to delete {_describe(dict(g.key()))}: "
+                    f"{outcome.error or outcome.status}\n"
+                )
+    finally:
+        transport.close()
+    return 1 if failed else 0
+
+
+def delete(config: Config, out: IO[str], *, labels: Mapping[str, str]) -> int:
+    """Delete the one group whose grouping key is exactly ``labels``."""
+    try:
+        groups = _read(config, labels.get("job"))
+    except GatewayError as exc:
+        return _unreachable(config, exc)
+    exact = [g for g in groups if g.labels == dict(labels)]
+    if not exact:
+        out.write(f"no group with exactly {_describe(labels)}: nothing deleted\n")
+
+        # the job's groups that share the most of the given labels
+        def shared(g: GroupInfo) -> int:
+            return sum(g.labels.get(k) == v for k, v in labels.items())
+
+        near = sorted(groups, key=shared, reverse=True)
+        for g in near[:10]:
+            out.write(f"  did you mean: {delete_command(g.labels)}\n")
+        return 1
+    transport = Transport(config)
+    try:
+        outcome = delete_group(transport, exact[0].key())
+    finally:
+        transport.close()
+    if not outcome.ok:
+        out.write(f"FAILED to delete {_describe(labels)}: {outcome.error or outcome.status}\n")
+        return 1
+    out.write(f"deleted {_describe(dict(exact[0].key()))}\n")
+    return 0
+
+
+def _read(config: Config, job: str | None) -> list[GroupInfo]:
+    transport = Transport(config)
+    try:
+        groups = list_groups(transport, config.namespace)
+    finally:
+        transport.close()
+    if job is not None:
+        groups = [g for g in groups if g.job == job]
+    return sorted(groups, key=lambda g: sorted(g.labels.items()))
+
+
+def _unreachable(config: Config, exc: GatewayError) -> int:
+    import sys
+
+    print(f"orchestrator-push: cannot read the Pushgateway at {config.url}: {exc}", file=sys.stderr)
+    return 1
+
+
+def delete_command(labels: Mapping[str, str]) -> str:
+    """The ``delete`` command line for exactly this group."""
+    import shlex
+
+    args = ["orchestrator-push", "delete", "--job", labels.get("job", "")]
+    for name in ("flow", "task"):
+        if name in labels:
+            args += [f"--{name}", labels[name]]
+    for k, v in sorted(labels.items()):
+        if k not in ("job", "flow", "task"):
+            args += ["--label", f"{k}={v}"]
+    return shlex.join(args)
+
+
+def parse_label_args(values: Sequence[str]) -> dict[str, str]:
+    """``k=v`` arguments; ValueError naming the bad one."""
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--label {item!r}: expected NAME=VALUE")
+        out[name.strip()] = value
+    return out

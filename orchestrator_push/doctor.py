@@ -1,0 +1,259 @@
+"""``orchestrator-push doctor``: why does nothing show up? Each check, and the fix.
+
+Checks in order, stopping where a later check cannot mean anything: the
+configuration, reaching the gateway (with the configured auth and TLS), a
+probe push and its deletion, and, given a Prometheus URL, whether Prometheus
+scrapes the gateway with ``honor_labels: true`` and sees our series.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from .config import Config, ConfigError, load_config
+from .groups import GatewayError, delete_group, gateway_info
+from .transport import Outcome, Transport
+
+PROBE_JOB = "orchestrator_push_doctor"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warning: bool = False  # ok, but worth a look
+
+
+def _gateway_fix(outcome: Outcome) -> str:
+    if outcome.status == 0 and "TLS" in outcome.error:
+        return (
+            "the gateway's certificate is not trusted: set ORCHESTRATOR_PUSH_CA_BUNDLE to "
+            "the CA file that signed it (or fix the host name in ORCHESTRATOR_PUSH_URL)"
+        )
+    if outcome.status == 0:
+        return (
+            "start the Pushgateway, or point ORCHESTRATOR_PUSH_URL at it "
+            "(host and port as this machine reaches it)"
+        )
+    if outcome.status == 401:
+        return (
+            "the gateway wants credentials: set ORCHESTRATOR_PUSH_USERNAME and "
+            "ORCHESTRATOR_PUSH_PASSWORD (or _PASSWORD_FILE), or ORCHESTRATOR_PUSH_BEARER_TOKEN"
+        )
+    if outcome.status == 403:
+        return "the credentials are not allowed here: check the user's rights at the proxy"
+    if outcome.status == 404:
+        return (
+            "no Pushgateway API at this URL: check the path in ORCHESTRATOR_PUSH_URL "
+            "(a Pushgateway behind a proxy may need its --web.route-prefix)"
+        )
+    return "see the gateway's own log for this answer"
+
+
+def _probe_body(ns: str) -> bytes:
+    from prometheus_client import Gauge
+
+    registry = CollectorRegistry()
+    g = Gauge(
+        f"{ns}_doctor_probe_timestamp_seconds", "orchestrator-push doctor probe.", registry=registry
+    )
+    g.set(time.time())
+    return generate_latest(registry)
+
+
+def check_gateway(config: Config) -> list[Check]:
+    checks: list[Check] = []
+    transport = Transport(config)
+    try:
+        try:
+            info = gateway_info(transport)
+        except GatewayError as exc:
+            checks.append(
+                Check("reach the gateway", False, f"{config.url}: {exc}", _gateway_fix(exc.outcome))
+            )
+            return checks
+        build = info.get("build_information", {})
+        flags = info.get("flags", {})
+        detail = f"{config.url}: Pushgateway {build.get('version', '?')}"
+        if flags.get("persistence.file"):
+            detail += f", persistence file {flags['persistence.file']}"
+        else:
+            detail += ", no persistence file (a restart loses every group)"
+        checks.append(Check("reach the gateway", True, detail))
+        key = (("job", PROBE_JOB), ("instance", f"{os.uname().nodename}-{os.getpid()}"))
+        from .schema import group_path
+
+        outcome = transport.request("PUT", group_path(key), _probe_body(config.namespace))
+        if not outcome.ok:
+            checks.append(
+                Check(
+                    "push a probe group",
+                    False,
+                    f"HTTP {outcome.status}: {outcome.error}",
+                    _gateway_fix(outcome)
+                    if outcome.status != 400
+                    else "the gateway refused the metrics: its message says which "
+                    "metric conflicts; delete the group holding it",
+                )
+            )
+            return checks
+        deleted = delete_group(transport, key)
+        checks.append(
+            Check(
+                "push a probe group",
+                deleted.ok,
+                "pushed and deleted"
+                if deleted.ok
+                else f"pushed, but deleting it failed: {deleted.error or deleted.status}",
+                ""
+                if deleted.ok
+                else "the gateway may be read-only for DELETE "
+                "(a proxy rule?): `gc` and `delete` will fail too",
+            )
+        )
+    finally:
+        transport.close()
+    return checks
+
+
+def _prom_query(base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
+    url = base.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        body = json.loads(resp.read())
+    result = body.get("data", {}).get("result", [])
+    return result if isinstance(result, list) else []
+
+
+def check_prometheus(config: Config, prometheus: str) -> list[Check]:
+    ns = config.namespace
+    try:
+        gateway_series = _prom_query(
+            prometheus, "count by (job, exported_job) (push_time_seconds)", config.timeout
+        )
+    except (OSError, ValueError) as exc:
+        return [
+            Check(
+                "reach Prometheus",
+                False,
+                f"{prometheus}: {exc}",
+                "check the --prometheus URL (e.g. http://prometheus:9090)",
+            )
+        ]
+    checks = [Check("reach Prometheus", True, prometheus)]
+    if not gateway_series:
+        checks.append(
+            Check(
+                "Prometheus scrapes the gateway",
+                False,
+                "no push_time_seconds series: Prometheus does not scrape a Pushgateway",
+                "add a scrape job for the gateway (deploy/prometheus/scrape.yml), "
+                "with honor_labels: true",
+            )
+        )
+        return checks
+    checks.append(
+        Check(
+            "Prometheus scrapes the gateway",
+            True,
+            f"{len(gateway_series)} job(s) with push_time_seconds",
+        )
+    )
+    renamed = [s["metric"] for s in gateway_series if s.get("metric", {}).get("exported_job")]
+    if renamed:
+        checks.append(
+            Check(
+                "honor_labels: true",
+                False,
+                f"pushed job labels arrive as exported_job (scrape job {renamed[0].get('job')!r})",
+                "set honor_labels: true in the Pushgateway's scrape job, or every "
+                "series gets the scrape job's job label",
+            )
+        )
+    else:
+        checks.append(Check("honor_labels: true", True, "pushed job labels are kept"))
+    ours = _prom_query(prometheus, f'count({{__name__=~"{ns}_.+"}})', config.timeout)
+    count = int(float(ours[0]["value"][1])) if ours else 0
+    checks.append(
+        Check(
+            f"{ns}_* series in Prometheus",
+            count > 0,
+            f"{count} series" if count else "none yet",
+            ""
+            if count
+            else "run a task with the adapter on, then wait one scrape "
+            "interval; `orchestrator-push status` shows what the gateway holds",
+        )
+    )
+    return checks
+
+
+def run(
+    out: IO[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    url: str | None = None,
+    prometheus: str | None = None,
+) -> int:
+    """Run every check, print each with its fix; 1 when one failed."""
+    checks: list[Check] = []
+    env = dict(os.environ if environ is None else environ)
+    if url:
+        env["ORCHESTRATOR_PUSH_URL"] = url
+    try:
+        config = load_config(env)
+    except ConfigError as exc:
+        checks.append(
+            Check("configuration", False, str(exc), f"fix {exc.variable} (docs/configuration.md)")
+        )
+        return _report(out, checks)
+    detail = f"url={config.url} namespace={config.namespace}"
+    if "ORCHESTRATOR_PUSH_URL" not in env:
+        detail += " (ORCHESTRATOR_PUSH_URL not set: the default)"
+    checks.append(Check("configuration", True, detail))
+    if not config.enabled:
+        checks.append(
+            Check(
+                "enabled",
+                False,
+                "ORCHESTRATOR_PUSH_ENABLED is off: nothing is pushed",
+                "unset ORCHESTRATOR_PUSH_ENABLED or set it to true",
+            )
+        )
+    if config.url.startswith("https://") and not config.tls_verify:
+        checks.append(
+            Check(
+                "TLS verification",
+                True,
+                "off (ORCHESTRATOR_PUSH_TLS_VERIFY=false)",
+                "set ORCHESTRATOR_PUSH_CA_BUNDLE instead of turning verification off",
+                warning=True,
+            )
+        )
+    gateway_checks = check_gateway(config)
+    checks += gateway_checks
+    if prometheus:
+        checks += check_prometheus(config, prometheus)
+    return _report(out, checks)
+
+
+def _report(out: IO[str], checks: list[Check]) -> int:
+    for c in checks:
+        mark = "warn" if c.ok and c.warning else ("ok" if c.ok else "FAIL")
+        out.write(f"[{mark:>4}] {c.name}: {c.detail}\n")
+        if c.fix and (not c.ok or c.warning):
+            out.write(f"       fix: {c.fix}\n")
+    failed = [c for c in checks if not c.ok]
+    out.write("all checks passed\n" if not failed else f"{len(failed)} problem(s) found\n")
+    return 1 if failed else 0

@@ -1,0 +1,157 @@
+"""What the Pushgateway holds: its groups read back as plain data, and deleting one.
+
+Reads ``/api/v1/metrics`` (the gateway's JSON view of every group) and
+``/api/v1/status``; deletes with ``DELETE /metrics/<grouping key>``. Used by the
+``status``, ``gc``, ``delete`` and ``doctor`` commands, never by the push path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import schema
+from .transport import Outcome, Transport
+
+
+class GatewayError(Exception):
+    """The gateway could not be read: ``outcome`` says why."""
+
+    def __init__(self, what: str, outcome: Outcome) -> None:
+        reason = outcome.error or f"HTTP {outcome.status}"
+        if outcome.status:
+            reason = f"HTTP {outcome.status}: {reason}"
+        super().__init__(f"{what}: {reason}")
+        self.outcome = outcome
+
+
+@dataclass
+class GroupInfo:
+    """One group at the gateway, with what our metrics say about its last run.
+
+    Timestamps are unix seconds; ``None`` where the group has no such value
+    (another tool's group, a task that never succeeded, ...).
+    """
+
+    labels: dict[str, str]
+    push_time: float | None = None
+    push_failure_time: float | None = None
+    framework: str | None = None
+    kind: str | None = None  # "task", "flow", "counters" or None (not ours)
+    status: str | None = None
+    duration: float | None = None
+    completed_at: float | None = None
+    success_at: float | None = None
+    failure_at: float | None = None
+    metric_names: list[str] = field(default_factory=list)
+
+    @property
+    def job(self) -> str:
+        return self.labels.get("job", "")
+
+    def key(self) -> schema.GroupKey:
+        """The grouping key, ``job`` first as the gateway's URL wants it."""
+        rest = sorted((k, v) for k, v in self.labels.items() if k != "job")
+        return (("job", self.job), *rest)
+
+
+def _number(family: Mapping[str, Any] | None) -> float | None:
+    if not family:
+        return None
+    for m in family.get("metrics", []):
+        if "value" in m:
+            return float(m["value"])
+    return None
+
+
+def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[GroupInfo]:
+    """``/api/v1/metrics`` ``data`` into :class:`GroupInfo` (pure, for tests)."""
+    out = []
+    for entry in data:
+        g = GroupInfo(labels=dict(entry.get("labels", {})))
+        g.metric_names = sorted(
+            k for k, v in entry.items() if isinstance(v, dict) and "metrics" in v
+        )
+        g.push_time = _number(entry.get("push_time_seconds")) or None
+        g.push_failure_time = _number(entry.get("push_failure_time_seconds")) or None
+        for kind in ("task", "flow"):
+            status_family = entry.get(f"{namespace}_{kind}_last_status")
+            if not status_family:
+                continue
+            g.kind = kind
+            for m in status_family.get("metrics", []):
+                g.framework = m.get("labels", {}).get("framework", g.framework)
+                if float(m.get("value", 0)) == 1:
+                    g.status = m.get("labels", {}).get("status")
+            g.duration = _number(entry.get(f"{namespace}_{kind}_last_duration_seconds"))
+            g.completed_at = _number(
+                entry.get(f"{namespace}_{kind}_last_completion_timestamp_seconds")
+            )
+            g.success_at = _number(entry.get(f"{namespace}_{kind}_last_success_timestamp_seconds"))
+            g.failure_at = _number(entry.get(f"{namespace}_{kind}_last_failure_timestamp_seconds"))
+        if g.kind is None and f"{namespace}_task_runs_total" in entry:
+            g.kind = "counters"
+            for m in entry[f"{namespace}_task_runs_total"].get("metrics", []):
+                g.framework = m.get("labels", {}).get("framework", g.framework)
+        out.append(g)
+    return out
+
+
+def read_json(transport: Transport, path: str) -> Any:
+    outcome, body = transport.fetch("GET", path)
+    if not outcome.ok:
+        raise GatewayError(f"GET {path}", outcome)
+    try:
+        return json.loads(body)["data"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GatewayError(
+            f"GET {path}", Outcome(0, f"not a Pushgateway answer ({type(exc).__name__})")
+        ) from None
+
+
+def list_groups(transport: Transport, namespace: str) -> list[GroupInfo]:
+    """Every group the gateway holds."""
+    return parse_groups(read_json(transport, "/api/v1/metrics") or [], namespace)
+
+
+def gateway_info(transport: Transport) -> dict[str, Any]:
+    """``/api/v1/status``: ``build_information`` (version) and ``flags``."""
+    data = read_json(transport, "/api/v1/status")
+    return data if isinstance(data, dict) else {}
+
+
+def delete_group(transport: Transport, key: schema.GroupKey) -> Outcome:
+    """Delete exactly the group with this grouping key (``job`` first)."""
+    return transport.request("DELETE", schema.group_path(key))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(w|d|h|m|s)")
+_UNIT = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str) -> float:
+    """``7d``, ``12h``, ``1h30m``, ``90s``, ``2w`` -> seconds; ValueError otherwise."""
+    s = text.strip().lower()
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if not s or pos != len(s) or total <= 0:
+        raise ValueError(f"{text!r} is not a duration like 7d, 12h, 1h30m or 90s")
+    return total
+
+
+def format_age(seconds: float | None) -> str:
+    """A short age: ``45s``, ``12m``, ``3h``, ``2d``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    s = max(seconds, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit}"
+    return f"{int(s)}s"
