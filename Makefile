@@ -1,5 +1,5 @@
 .PHONY: demo test lint bench
-demo:  ## a real local Pushgateway, sample exec jobs, what the gateway holds
+demo:  ## Pushgateway + Prometheus on 127.0.0.1, the Celery, Airflow, Prefect examples and exec jobs, then status
 	scripts/demo
 test:  ## the whole test suite (every nox session)
 	scripts/test

@@ -58,3 +58,11 @@ def airflow(session: nox.Session, airflow: str) -> None:
     extra = [] if airflow.startswith("2.") else ["apache-airflow-providers-standard"]
     session.install("-e", ".[dev]", f"apache-airflow=={airflow}.*", *extra)
     session.run("pytest", "tests/airflow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def e2e(session: nox.Session) -> None:
+    """The examples of every framework, a real Pushgateway and Prometheus: the rules and the
+    dashboard's queries. Each example runs in its own venv under .envs/ (scripts/story.py)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "tests/e2e", *session.posargs)

@@ -224,7 +224,15 @@ def _read(config: Config, job: str | None) -> list[GroupInfo]:
         transport.close()
     if job is not None:
         groups = [g for g in groups if g.job == job]
-    return sorted(groups, key=lambda g: sorted(g.labels.items()))
+    return sorted(
+        groups,
+        key=lambda g: (
+            g.job,
+            g.labels.get("flow", "\uffff"),
+            g.labels.get("task", ""),
+            sorted(g.labels.items()),
+        ),
+    )
 
 
 def _unreachable(config: Config, exc: GatewayError) -> int:

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -183,31 +184,107 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server not found: "
                                "apt-get install -y --no-install-recommends redis-server")
-        import redis
-
-        port = free_port()
+        self.port = port = free_port()
         self.workdir = tempfile.mkdtemp(prefix="op-redis-")
         self.url = f"redis://127.0.0.1:{port}/0"
         self.proc = subprocess.Popen(
             [*(prefix or []), binary, "--port", str(port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self.workdir],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.client = redis.Redis.from_url(self.url)
-
-        def ping() -> bool:
-            try:
-                return bool(self.client.ping())
-            except redis.exceptions.ConnectionError:
-                return False
-
         try:
-            wait_until(ping, 10, what="redis ping")
+            wait_until(self.ping, 10, what="redis ping")
         except BaseException:
             self.stop()
             raise
+
+    def ping(self) -> bool:
+        # the protocol by hand: the demo drives Redis from a venv without redis-py
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+PROMETHEUS_CONFIG = """\
+global:
+  scrape_interval: {interval}
+  evaluation_interval: {interval}
+rule_files: {rule_files}
+scrape_configs:
+  - job_name: pushgateway
+    honor_labels: {honor_labels}
+    static_configs:
+      - targets: ["{target}"]
+"""
+
+
+class Prometheus:
+    """A real ``prometheus`` on a free 127.0.0.1 port scraping one Pushgateway."""
+
+    def __init__(self, gateway_url: str, rule_files: list[str] | None = None,
+                 honor_labels: bool = True, interval: str = "1s") -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus not found: "
+                               "apt-get install -y --no-install-recommends prometheus")
+        self.workdir = tempfile.mkdtemp(prefix="op-prometheus-")
+        config = os.path.join(self.workdir, "prometheus.yml")
+        with open(config, "w") as f:
+            f.write(PROMETHEUS_CONFIG.format(
+                interval=interval, rule_files=json.dumps(rule_files or []),
+                honor_labels=str(honor_labels).lower(),
+                target=gateway_url.split("://", 1)[1].rstrip("/")))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(self.workdir, "prometheus.log"), "wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir}/data",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                with open(self.log.name, "rb") as f:
+                    raise RuntimeError(f"prometheus exited: {f.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        try:
+            wait_until(ready, 60, interval=0.1, what="prometheus /-/ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]["result"]  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import random
 from datetime import datetime
 
 try:  # Airflow 3
@@ -14,9 +13,9 @@ except ImportError:  # Airflow 2.10
     from airflow.operators.python import PythonOperator
 
 
-def extract() -> int:
-    if random.random() < 0.3:
-        raise ConnectionError("flaky source")  # try 1 fails -> status="retry"
+def extract(ti=None) -> int:  # type: ignore[no-untyped-def]  # Airflow passes the task instance
+    if ti is not None and ti.try_number == 1:
+        raise ConnectionError("flaky source")  # try 1 fails -> status="retry", then success
     return 42
 
 
@@ -24,10 +23,15 @@ def load() -> None:
     print("loaded")
 
 
+def report() -> None:
+    raise RuntimeError("report server unreachable")  # status="failed": the DAG run fails
+
+
 with DAG("example_etl", start_date=datetime(2026, 1, 1), schedule="@daily", catchup=False) as dag:
     e = PythonOperator(task_id="extract", python_callable=extract, retries=2, retry_delay=0)
     lo = PythonOperator(task_id="load", python_callable=load)
-    e >> lo
+    rep = PythonOperator(task_id="report", python_callable=report)
+    e >> lo >> rep
 
 if __name__ == "__main__":
     dag.test()

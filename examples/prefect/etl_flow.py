@@ -9,9 +9,8 @@ Zero code instead of instrument(): PREFECT_PLUGINS_ENABLED=1 and remove the call
 
 from __future__ import annotations
 
-import random
-
 from prefect import flow, task
+from prefect.runtime import task_run
 
 from orchestrator_push.prefect import instrument
 
@@ -20,8 +19,8 @@ instrument()
 
 @task(retries=2, retry_delay_seconds=0)
 def extract(day: str) -> list[int]:
-    if random.random() < 0.3:
-        raise ConnectionError("flaky source")  # retried: status="retry", then success
+    if task_run.run_count == 1:
+        raise ConnectionError("flaky source")  # first try: status="retry", then success
     return list(range(10))
 
 

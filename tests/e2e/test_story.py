@@ -1,0 +1,236 @@
+"""End to end: the three framework examples and exec jobs, a real Pushgateway, a
+real Prometheus (1 s scrape, deploy/prometheus rules loaded), and every PromQL
+expression of the alert rules and of the Grafana dashboard asked of it.
+
+The examples run exactly as `make demo` runs them (scripts/story.py), each
+framework in its own virtualenv under .envs/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gateway import Prometheus, Pushgateway, running, wait_until
+
+from orchestrator_push import doctor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import story  # noqa: E402
+
+DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "orchestrator-push.json")
+
+TASKS = {  # (framework, flow, task): last status, as the examples are written
+    ("exec", "nightly", "dump"): "success",
+    ("exec", "nightly", "upload"): "failed",
+    ("celery", "shop", "shop.charge"): "success",
+    ("celery", "shop", "shop.ship"): "success",
+    ("celery", "shop", "shop.refund"): "failed",
+    ("airflow", "example_etl", "extract"): "success",
+    ("airflow", "example_etl", "load"): "success",
+    ("airflow", "example_etl", "report"): "failed",
+    ("prefect", "daily-etl", "extract"): "success",
+    ("prefect", "daily-etl", "transform"): "success",
+    ("prefect", "daily-etl", "load"): "success",
+}
+FLOWS = {("airflow", "example_etl"): "failed", ("prefect", "daily-etl"): "success"}
+FAILED_TASKS = {k for k, v in TASKS.items() if v == "failed"}
+SUCCEEDED_TASKS = {k for k, v in TASKS.items() if v == "success"}
+
+
+def put(gw: Pushgateway, path: str, body: bytes) -> int:
+    req = urllib.request.Request(gw.url + path, data=body, method="PUT")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Pushgateway]:
+    yield from running()
+
+
+@pytest.fixture(scope="module")
+def prom(gw: Pushgateway) -> Iterator[Prometheus]:
+    p = Prometheus(gw.url, story.RULE_FILES)
+    try:
+        story.run_examples(gw, say=lambda text: print(text, flush=True))
+        # A group whose last push the gateway refused (a type conflicting with
+        # another group's): what PushgatewayPushFailing is for.
+        assert put(gw, "/metrics/job/seed_a", b"# TYPE e2e_shared gauge\ne2e_shared 1\n") == 200
+        assert put(gw, "/metrics/job/seed_b", b"e2e_other 1\n") == 200
+        assert put(gw, "/metrics/job/seed_b",
+                   b"# TYPE e2e_shared counter\ne2e_shared_total 1\ne2e_shared 2\n") == 400
+        wait_until(lambda: story.scraped(p), timeout=60, interval=0.5, what="the scrape")
+        yield p
+    finally:
+        p.stop()
+
+
+def tuples(result: list[dict[str, Any]], *labels: str) -> set[tuple[str, ...]]:
+    return {tuple(r["metric"].get(name, "") for name in labels) for r in result}
+
+
+def rules(prom: Prometheus) -> dict[str, dict[str, Any]]:
+    with urllib.request.urlopen(prom.url + "/api/v1/rules", timeout=10) as r:
+        groups = json.loads(r.read())["data"]["groups"]
+    return {rule["name"] + ("" if rule["type"] == "alerting" else f"/{i}"): rule
+            for g in groups for i, rule in enumerate(g["rules"])}
+
+
+def firing(prom: Prometheus, alert: str, *labels: str) -> set[tuple[str, ...]]:
+    return {tuple(a["labels"].get(name, "") for name in labels)
+            for a in rules(prom)[alert]["alerts"] if a["state"] == "firing"}
+
+
+def test_every_framework_and_job_label_reaches_prometheus(prom: Prometheus) -> None:
+    result = prom.query("max by (job, framework, flow, task, status) "
+                        "(orchestrator_task_last_status) == 1")
+    assert {(f, fl, t): s for (f, fl, t, s) in
+            tuples(result, "framework", "flow", "task", "status")} == TASKS
+    # honor_labels: the pushed job label is kept, none renamed exported_job
+    assert tuples(result, "job") == {("backup",), ("celery",), ("airflow",), ("prefect",)}
+    assert prom.query("count(push_time_seconds{exported_job!=''})") == []
+
+
+def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
+    all_rules = wait_until(lambda: (r := rules(prom)) and all(
+        x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
+        for x in r.values()) and r, timeout=30, what="a rule evaluation")
+    assert len(all_rules) == 8
+    assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
+
+
+def test_failed_alerts_fire_for_exactly_the_failed_runs(prom: Prometheus) -> None:
+    def task_alerts() -> set[tuple[str, ...]]:
+        return firing(prom, "OrchestratorTaskFailed", "framework", "flow", "task")
+    assert wait_until(lambda: task_alerts() == FAILED_TASKS, timeout=30, what="TaskFailed")
+    assert wait_until(lambda: firing(prom, "OrchestratorFlowFailed", "framework", "flow")
+                      == {("airflow", "example_etl")}, timeout=30, what="FlowFailed")
+
+
+def test_no_recent_success_rules(prom: Prometheus) -> None:
+    r = rules(prom)
+    # everything succeeded seconds ago: nothing fires...
+    assert r["OrchestratorFlowNoRecentSuccess"]["alerts"] == []
+    assert r["OrchestratorTaskNoRecentSuccess"]["alerts"] == []
+    # ...and with the default threshold at 0 s, the same expressions select
+    # every flow and task that has succeeded, with their labels
+    flow_expr = re.sub(r"26 \* 3600", "0", r["OrchestratorFlowNoRecentSuccess"]["query"])
+    task_expr = re.sub(r"26 \* 3600", "0", r["OrchestratorTaskNoRecentSuccess"]["query"])
+    assert flow_expr != r["OrchestratorFlowNoRecentSuccess"]["query"]
+    assert tuples(prom.query(flow_expr), "framework", "flow") == {("prefect", "daily-etl")}
+    assert tuples(prom.query(task_expr), "framework", "flow", "task") == SUCCEEDED_TASKS
+    ages = [float(x["value"][1]) for x in prom.query(task_expr)]
+    assert all(0 <= a < 900 for a in ages)
+
+
+def test_push_failing_and_stale_group_rules(prom: Prometheus, gw: Pushgateway) -> None:
+    assert wait_until(lambda: firing(prom, "PushgatewayPushFailing", "job") == {("seed_b",)},
+                      timeout=30, what="PushFailing")
+    r = rules(prom)
+    assert r["PushgatewayGroupStale"]["alerts"] == []
+    stale_expr = re.sub(r"7 \* 86400", "0", r["PushgatewayGroupStale"]["query"])
+    assert stale_expr != r["PushgatewayGroupStale"]["query"]
+    every_group = {tuple(sorted(g.labels.items())) for g in gw.groups()}
+    got = {tuple(sorted((k, v) for k, v in x["metric"].items() if v)) for x in prom.query(stale_expr)}
+    assert got == every_group
+
+
+def panel_exprs() -> list[tuple[str, str]]:
+    with open(DASHBOARD) as f:
+        dash = json.load(f)
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var in ("$job", "$framework", "$flow"):
+                expr = expr.replace(var, ".*")
+            out.append((panel["title"], expr.replace("$__rate_interval", "1m")))
+    return out
+
+
+def test_dashboard_variables_list_every_job_framework_and_flow(prom: Prometheus) -> None:
+    with open(DASHBOARD) as f:
+        variables = {v["name"]: v for v in json.load(f)["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    expected = {"job": {"backup", "celery", "airflow", "prefect"},
+                "framework": {"exec", "celery", "airflow", "prefect"},
+                "flow": {"nightly", "shop", "example_etl", "daily-etl"}}
+    for name, values in expected.items():
+        m = re.fullmatch(r"label_values\((.*), (\w+)\)", variables[name]["definition"])
+        assert m and m.group(2) == name
+        selector = re.sub(r'\$\w+', ".*", m.group(1))
+        url = (prom.url + f"/api/v1/label/{name}/values?"
+               + urllib.parse.urlencode({"match[]": selector}))
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert set(json.loads(r.read())["data"]) == values, name
+
+
+EXPECTED_PANELS: dict[str, Any] = {
+    "Failed tasks (last run)": lambda res: float(res[0]["value"][1]) == len(FAILED_TASKS),
+    "Failed flows (last run)": lambda res: float(res[0]["value"][1]) == 1,
+    "Groups with failing pushes": lambda res: float(res[0]["value"][1]) == 1,
+    "Stale groups (no push for 7d)": lambda res: float(res[0]["value"][1]) == 0,
+    "Runs finished per minute (all frameworks' workers)": lambda res: len(res) == 1,
+    "Last outcome per task": lambda res: {
+        (f, fl, t): s for f, fl, t, s in tuples(res, "framework", "flow", "task", "status")} == TASKS,
+    "Last outcome per flow": lambda res: {
+        (f, fl): s for f, fl, s in tuples(res, "framework", "flow", "status")} == FLOWS,
+    "Time since last success per task": lambda res:
+        tuples(res, "framework", "flow", "task") == SUCCEEDED_TASKS,
+    "Time since last success per flow": lambda res:
+        tuples(res, "framework", "flow") == {("prefect", "daily-etl")},
+    "Task duration (last attempt)": lambda res:
+        tuples(res, "flow", "task") == {(fl, t) for _, fl, t in TASKS},
+    "Flow duration (last run)": lambda res: tuples(res, "flow") == {("example_etl",), ("daily-etl",)},
+    "Failures over time": lambda res: tuples(res, "framework", "flow") ==
+        {(f, fl) for f, fl, _ in FAILED_TASKS},
+    # no task's last attempt is a retry once the examples end
+    "Retries over time": lambda res: res == [],
+    "Celery throughput by task and outcome": lambda res: tuples(res, "task", "status") == {
+        ("shop.charge", "success"), ("shop.ship", "success"), ("shop.ship", "retry"),
+        ("shop.refund", "failed")},
+    "Celery p95 duration by task": lambda res:
+        tuples(res, "task") == {("shop.charge",), ("shop.ship",), ("shop.refund",)},
+}
+
+
+@pytest.mark.parametrize("title,expr", panel_exprs(), ids=[t for t, _ in panel_exprs()])
+def test_dashboard_panel_returns_the_expected_series(prom: Prometheus, title: str,
+                                                     expr: str) -> None:
+    check = EXPECTED_PANELS[title]
+    wait_until(lambda: check(prom.query(expr)), timeout=30, interval=0.5,
+               what=f"panel {title!r}: {expr}")
+
+
+def test_doctor_sees_the_scrape_and_our_series(prom: Prometheus, gw: Pushgateway) -> None:
+    out = io.StringIO()
+    assert doctor.run(out, {"ORCHESTRATOR_PUSH_URL": gw.url}, prometheus=prom.url) == 0, \
+        out.getvalue()
+    assert "[  ok] honor_labels: true" in out.getvalue()
+    assert "[  ok] orchestrator_* series in Prometheus" in out.getvalue()
+
+
+def test_doctor_flags_a_scrape_without_honor_labels(prom: Prometheus, gw: Pushgateway) -> None:
+    bad = Prometheus(gw.url, honor_labels=False)
+    try:
+        wait_until(lambda: bad.query("push_time_seconds"), timeout=30, what="a scrape")
+        out = io.StringIO()
+        assert doctor.run(out, {"ORCHESTRATOR_PUSH_URL": gw.url}, prometheus=bad.url) == 1
+        text = out.getvalue()
+        assert "[FAIL] honor_labels: true" in text and "fix: set honor_labels: true" in text
+    finally:
+        bad.stop()
