@@ -82,9 +82,18 @@ class Config:
     client_cert: str | None = None
     client_key: str | None = None
     tls_verify: bool = True
+    #: Where undeliverable records wait for the next process; None: no spool.
+    spool_dir: str | None = field(default_factory=lambda: _default_spool_dir())
+    spool_max_bytes: int = 64 * 1024 * 1024
 
     def job_for(self, framework: str) -> str:
         return self.job if self.job is not None else framework
+
+
+def _default_spool_dir() -> str:
+    from .spool import default_dir
+
+    return default_dir()
 
 
 def _bool(var: str, raw: str) -> bool:
@@ -210,7 +219,14 @@ def load_config(
     ):
         if (raw := get(name)) is not None:
             kw[key] = _positive(PREFIX + name, raw)
-    for name, key in (("MAX_QUEUE", "max_queue"), ("MAX_GROUPS", "max_groups")):
+    if (raw := get("SPOOL_DIR")) is not None:
+        off = raw.strip().lower() in ("off", "false", "none", "0")
+        kw["spool_dir"] = None if off else os.path.abspath(os.path.expanduser(raw.strip()))
+    for name, key in (
+        ("MAX_QUEUE", "max_queue"),
+        ("MAX_GROUPS", "max_groups"),
+        ("SPOOL_MAX_BYTES", "spool_max_bytes"),
+    ):
         if (raw := get(name)) is not None:
             kw[key] = int(_positive(PREFIX + name, raw, int))
     for name, key in (("ENABLED", "enabled"), ("TLS_VERIFY", "tls_verify")):
@@ -262,7 +278,7 @@ def _check(c: Config) -> None:
         raise ConfigError(
             PREFIX + "NAMESPACE", f"{c.namespace!r} is not a valid metric name prefix"
         )
-    for n in ("interval", "timeout", "flush_timeout", "max_queue", "max_groups"):
+    for n in ("interval", "timeout", "flush_timeout", "max_queue", "max_groups", "spool_max_bytes"):
         value = getattr(c, n)
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(PREFIX + n.upper(), f"must be greater than 0, got {value!r}")

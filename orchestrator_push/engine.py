@@ -7,6 +7,10 @@ group between two pushes become one push, and POSTs each changed group over a
 keep-alive connection. Connection errors, 5xx and 429 are retried with
 exponential backoff and jitter, other 4xx are not. After ``fork()`` the child
 gets a fresh, empty engine: what the parent recorded is the parent's to send.
+
+What cannot be delivered in time (a flush that times out, the process exiting,
+the in-memory queue full) goes to the durable spool (spool.py); a sender that
+reaches the gateway replays the spool, never overwriting a newer value there.
 """
 
 from __future__ import annotations
@@ -22,19 +26,26 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
 from . import schema
 from .config import Config
+from .groups import GatewayError, parse_groups, read_json
 from .logs import log, warn_limited
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord
+from .spool import Entry, Spool, SpoolFull
 from .transport import Outcome, Transport
 
 MIN_BACKOFF = 0.25
 MAX_BACKOFF = 30.0
 #: While a flush waits, a failing group is retried at least this often.
 FLUSH_RETRY = 0.5
+#: How often a sender that reaches the gateway looks at the spool, and how many
+#: spool files one pass replays.
+REPLAY_EVERY = 30.0
+REPLAY_BATCH = 50
 
 _Item = tuple[int, TaskRecord | FlowRecord, tuple[tuple[str, str], ...] | None]
 
@@ -48,8 +59,11 @@ class Stats:
     push_failures: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     rejected: int = 0  # records refused by the gateway (4xx): not retried
-    dropped_queue_full: int = 0
+    dropped_queue_full: int = 0  # only when the spool could not take them either
     dropped_too_many_groups: int = 0
+    dropped_spool_full: int = 0
+    spooled: int = 0  # records written to the spool
+    replayed: int = 0  # spooled records (of any process) this one delivered
 
 
 @dataclass
@@ -102,6 +116,22 @@ class _Group:
         self.pending = self.failures = 0
         self.retry_at = 0.0
 
+    def merge(self, e: Entry) -> None:
+        """Fold a spooled state in (replay)."""
+        if e.last is not None:
+            self.fold(e.last)
+        for at, attr, newest in (
+            (e.success_at, "success_at", "newest_success"),
+            (e.failure_at, "failure_at", "newest_failure"),
+        ):
+            if at is not None and at >= getattr(self, newest):
+                setattr(self, newest, at)
+                setattr(self, attr, at)
+        self.pending += e.records
+
+    def entry(self, key: schema.GroupKey, ns: str) -> Entry:
+        return Entry(self.kind, key, ns, self.last, self.success_at, self.failure_at, self.pending)
+
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -149,6 +179,15 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._groups: dict[schema.GroupKey, _Group] = {}
         self._stats = Stats()
+        # Guards the groups against the exit-time spooling racing the sender.
+        self._lock = threading.Lock()
+        self._spool = (
+            Spool(self.config.spool_dir, self.config.spool_max_bytes)
+            if self.config.spool_dir
+            else None
+        )
+        self._next_replay = 0.0
+        self._replay_requested = False
 
     def _after_fork(self) -> None:
         # Locks may have been held by a thread that does not exist here; the
@@ -174,20 +213,67 @@ class Engine:
             if self._pid != os.getpid():  # a fork that bypassed os.fork's hooks
                 self._after_fork()
             if len(self._queue) >= self.config.max_queue:
-                self._stats.dropped_queue_full += 1
-                self._lost += 1
-                warn_limited(
-                    "queue-full",
-                    "orchestrator_push: %d records waiting to be sent; "
-                    "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE)",
-                    len(self._queue),
-                )
+                self._overflow(rec)
                 return
             self._queue.append((next(self._seq), rec, cumulative))
             if self._thread is None:
                 self._start()
         except Exception:  # nothing may reach the user's task
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
+
+    def _overflow(self, rec: TaskRecord | FlowRecord) -> None:
+        """The queue is full (the sender is stuck): this record goes to the spool."""
+        key, kind = self._key(rec)
+        g = _Group("", kind)
+        g.fold(rec)
+        g.pending = 1
+        if self._spool is not None and self._write_spool([g.entry(key, self.config.namespace)]):
+            warn_limited(
+                "queue-full",
+                "orchestrator_push: %d records waiting to be sent; "
+                "spooling new ones to %s (ORCHESTRATOR_PUSH_MAX_QUEUE)",
+                len(self._queue),
+                self._spool.directory,
+            )
+            return
+        self._stats.dropped_queue_full += 1
+        self._lost += 1
+        warn_limited(
+            "queue-full-drop",
+            "orchestrator_push: %d records waiting to be sent; "
+            "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE, no spool)",
+            len(self._queue),
+        )
+
+    def _write_spool(self, entries: list[Entry]) -> bool:
+        assert self._spool is not None
+        records = sum(e.records for e in entries)
+        try:
+            self._spool.write(entries)
+        except SpoolFull:
+            self._stats.dropped_spool_full += records
+            self._lost += records
+            warn_limited(
+                "spool-full",
+                "orchestrator_push: spool %s is full (ORCHESTRATOR_PUSH_SPOOL_MAX_BYTES); "
+                "%d records dropped",
+                self._spool.directory,
+                records,
+            )
+            return False
+        except OSError as exc:
+            self._stats.dropped_spool_full += records
+            self._lost += records
+            warn_limited(
+                "spool-error",
+                "orchestrator_push: cannot write the spool %s (%s); %d records dropped",
+                self._spool.directory,
+                type(exc).__name__,
+                records,
+            )
+            return False
+        self._stats.spooled += records
+        return True
 
     def _start(self) -> None:
         with self._start_lock:
@@ -204,24 +290,30 @@ class Engine:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Deliver everything recorded so far; wait at most ``timeout`` seconds
-        (default: the configured flush timeout). True when all of it reached the
-        gateway. Never raises."""
+        (default: the configured flush timeout). What is still undelivered then
+        goes to the spool. True when all of it reached the gateway or the spool
+        (none was dropped or refused). Never raises."""
         try:
-            return self._flush(self.config.flush_timeout if timeout is None else timeout)
+            settled = self._flush(self.config.flush_timeout if timeout is None else timeout)
+            if not settled:
+                settled = self._spool_pending()
+            return self._nothing_lost() and settled
         except Exception:
             warn_limited("flush", "orchestrator_push: flush failed", level=logging.ERROR)
             return False
 
     def _flush(self, timeout: float) -> bool:
+        """Wait until everything recorded before the call is settled."""
         if self._pid != os.getpid():
             self._after_fork()
         target = next(self._seq)  # every record recorded before this call has a lower number
         if self._thread is None:
-            return self._nothing_lost()
+            return True
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._settled_cv:
             self._flushing += 1
         try:
+            self._replay_requested = True  # a flush also offers the spool to the gateway
             self._wake.set()
             with self._settled_cv:
                 while self._settled < target - 1:
@@ -232,7 +324,36 @@ class Engine:
         finally:
             with self._settled_cv:
                 self._flushing -= 1
-        return self._nothing_lost()
+        return True
+
+    def _spool_pending(self) -> bool:
+        """Move everything not yet delivered to the spool. True if it all went."""
+        if self._spool is None:
+            return False
+        with self._lock:
+            while self._queue:
+                self._fold(*self._queue.popleft())
+            entries = []
+            for key, g in self._groups.items():
+                if g.pending and g.kind != "cumulative":
+                    entries.append(g.entry(key, self.config.namespace))
+            if not entries:
+                return not any(g.pending for g in self._groups.values())
+            ok = self._write_spool(entries)
+            for g in self._groups.values():
+                if g.pending and g.kind != "cumulative":
+                    g.sent()
+        if ok:
+            log.warning(
+                "orchestrator_push: %s unreachable; %d records spooled to %s for the next "
+                "process that reaches it",
+                self.config.url,
+                sum(e.records for e in entries),
+                self._spool.directory,
+            )
+        with self._settled_cv:
+            self._settled_cv.notify_all()
+        return ok and not any(g.pending for g in self._groups.values())
 
     def _nothing_lost(self) -> bool:
         """No record was dropped or refused since the previous flush."""
@@ -261,7 +382,9 @@ class Engine:
         if self._exit_failed_pending is not None and pending <= self._exit_failed_pending:
             return False
         ok = self.flush() if self._thread is not None else True
-        if not ok:
+        if ok:
+            self._exit_failed_pending = None
+        else:
             self._exit_failed_pending = self.pending()
             warn_limited(
                 "exit",
@@ -289,6 +412,9 @@ class Engine:
             s.rejected,
             s.dropped_queue_full,
             s.dropped_too_many_groups,
+            s.dropped_spool_full,
+            s.spooled,
+            s.replayed,
         )
 
     # -- the sender thread ---------------------------------------------------------
@@ -318,8 +444,9 @@ class Engine:
 
     def _cycle(self, transport: Transport) -> None:
         mark = next(self._seq)
-        while self._queue:
-            self._fold(*self._queue.popleft())
+        with self._lock:
+            while self._queue:
+                self._fold(*self._queue.popleft())
         now = time.monotonic()
         for g in list(self._groups.values()):
             if not g.pending:
@@ -327,6 +454,9 @@ class Engine:
             due = now >= g.retry_at or (self._flushing and now >= g.last_try + FLUSH_RETRY)
             if due:
                 self._push(transport, g)
+        if self._spool is not None and (self._replay_requested or now >= self._next_replay):
+            self._replay_requested = False
+            self._next_replay = now + (1.0 if self._replay(transport) else REPLAY_EVERY)
         if not any(g.pending for g in self._groups.values()):
             with self._settled_cv:
                 self._settled = max(self._settled, mark - 1)
@@ -349,6 +479,12 @@ class Engine:
             g = self._groups[key] = _Group(schema.group_path(key), kind)
         return g
 
+    def _key(self, rec: TaskRecord | FlowRecord) -> tuple[schema.GroupKey, str]:
+        job, static = self.config.job_for(rec.framework), self.config.labels
+        if isinstance(rec, TaskRecord):
+            return schema.task_group(job, rec, static), "task"
+        return schema.flow_group(job, rec, static), "flow"
+
     def _fold(
         self,
         _seq: int,
@@ -358,10 +494,7 @@ class Engine:
         c = self.config
         job, static = c.job_for(rec.framework), c.labels
         self._stats.recorded += 1
-        if isinstance(rec, TaskRecord):
-            g = self._group(schema.task_group(job, rec, static), "task")
-        else:
-            g = self._group(schema.flow_group(job, rec, static), "flow")
+        g = self._group(*self._key(rec))
         if g is not None:
             g.fold(rec)
             g.pending += 1
@@ -374,12 +507,17 @@ class Engine:
                 cg.pending += 1
 
     def _push(self, transport: Transport, g: _Group) -> None:
-        body = schema.encode(g.families(self.config.namespace))
+        ns = self.config.namespace
+        with self._lock:
+            if not g.pending:  # spooled meanwhile
+                return
+            body = schema.encode(g.families(ns) + self._self_families(g.framework))
         g.last_try = time.monotonic()
         outcome = transport.request("POST", g.path, body)
         if outcome.ok:
             self._stats.pushes += 1
-            g.sent()
+            with self._lock:
+                g.sent()
             return
         reason = _reason(outcome)
         self._stats.push_failures[reason] += 1
@@ -396,9 +534,10 @@ class Engine:
             )
             return
         # The gateway will refuse this payload again: drop it, say why, count it.
-        self._stats.rejected += g.pending
-        self._lost += g.pending
-        g.sent()
+        with self._lock:
+            self._stats.rejected += g.pending
+            self._lost += g.pending
+            g.sent()
         warn_limited(
             f"rejected-{outcome.status}",
             "orchestrator_push: %s refused a push to %s with HTTP %d: %s",
@@ -407,6 +546,86 @@ class Engine:
             outcome.status,
             outcome.error,
         )
+
+    def _self_families(self, framework: str) -> list[Metric]:
+        s = self._stats
+        return schema.self_families(
+            self.config.namespace,
+            framework,
+            dropped={
+                "queue_full": s.dropped_queue_full,
+                "too_many_groups": s.dropped_too_many_groups,
+                "rejected": s.rejected,
+                "spool_full": s.dropped_spool_full,
+            },
+            failures=dict(s.push_failures),
+            spooled=s.spooled,
+            replayed=s.replayed,
+        )
+
+    # -- replaying the spool -------------------------------------------------------
+
+    def _replay(self, transport: Transport) -> bool:
+        """One pass over the spool; True if it may hold more to replay now."""
+        assert self._spool is not None
+        claimed = list(self._spool.claim(REPLAY_BATCH))
+        if not claimed:
+            return False
+        merged: dict[tuple[str, schema.GroupKey], _Group] = {}
+        for _path, entries in claimed:
+            for e in entries:
+                g = merged.get((e.namespace, e.key))
+                if g is None:
+                    g = merged[(e.namespace, e.key)] = _Group(schema.group_path(e.key), e.kind)
+                g.merge(e)
+        try:
+            data = read_json(transport, "/api/v1/metrics") or []
+        except GatewayError:
+            for path, _ in claimed:
+                self._spool.release(path)
+            return False
+        current = {}
+        for ns in {ns for ns, _ in merged}:
+            for info in parse_groups(data, ns):
+                if info.kind in ("task", "flow"):
+                    current[(ns, tuple(sorted(info.labels.items())))] = info
+        for (ns, key), g in merged.items():
+            at_gateway = current.get((ns, tuple(sorted(key))))
+            families = _newer_than(ns, g, at_gateway)
+            if not families:
+                self._stats.replayed += g.pending  # the gateway already knows better
+                continue
+            outcome = transport.request("POST", g.path, schema.encode(families))
+            if outcome.ok:
+                self._stats.replayed += g.pending
+            elif outcome.retryable:
+                for path, _ in claimed:
+                    self._spool.release(path)  # all of it again later; replay is idempotent
+                return False
+            else:
+                self._stats.rejected += g.pending
+                self._lost += g.pending
+        for path, _ in claimed:
+            self._spool.done(path)
+        log.info("orchestrator_push: replayed %d spool files to %s", len(claimed), self.config.url)
+        return len(claimed) >= REPLAY_BATCH
+
+
+def _newer_than(ns: str, g: _Group, at_gateway: Any) -> list[Metric]:
+    """The spooled values the gateway does not already hold newer ones of."""
+    last, success_at, failure_at = g.last, g.success_at, g.failure_at
+    if at_gateway is not None:
+        done_at = at_gateway.completed_at
+        if last is not None and done_at is not None and last.end_time <= done_at:
+            last = None
+        if success_at is not None and (at_gateway.success_at or 0) >= success_at:
+            success_at = None
+        if failure_at is not None and (at_gateway.failure_at or 0) >= failure_at:
+            failure_at = None
+    if last is None and success_at is None and failure_at is None:
+        return []
+    framework = g.framework or (at_gateway.framework if at_gateway is not None else "")
+    return schema.last_run_families(ns, g.kind, framework, last, success_at, failure_at)
 
 
 def _reason(outcome: Outcome) -> str:

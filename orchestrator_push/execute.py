@@ -40,12 +40,16 @@ def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int
             exit_code=code,
         )
     )
-    if config.enabled and not engine.close():
-        stats = engine.stats()
+    delivered = engine.close()
+    stats = engine.stats()
+    if config.enabled and (not delivered or stats.spooled):
         why = ", ".join(sorted(stats.push_failures)) or "no answer"
+        kept = (
+            f"; spooled to {config.spool_dir} for the next run that reaches it" if delivered else ""
+        )
         print(
             f"orchestrator-push: warning: outcome of job {job!r} not delivered to "
-            f"{config.url} within {config.flush_timeout:g}s ({why}); "
+            f"{config.url} within {config.flush_timeout:g}s ({why}){kept}; "
             f"exit code {code} kept",
             file=sys.stderr,
         )

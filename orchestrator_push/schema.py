@@ -60,6 +60,10 @@ _HELP = {
     "flow_last_failure_timestamp_seconds": "Unix time of the last failed run of the flow.",
     "flow_last_status": "1 for the outcome of the last run of the flow, 0 for other statuses.",
     "task_runs": "Finished task attempts, by outcome.",
+    "push_records_dropped": "Records this process gave up on, by reason (its total so far).",
+    "push_records_spooled": "Records this process wrote to the local spool (its total so far).",
+    "push_records_replayed": "Spooled records this process delivered (its total so far).",
+    "push_failures": "Failed pushes of this process, by reason (its total so far).",
     "task_duration_seconds": "Duration of finished task attempts, by outcome.",
 }
 
@@ -222,3 +226,37 @@ class _Families:
 def encode(families: Iterable[Metric]) -> bytes:
     """Prometheus text format 0.0.4, written by prometheus_client."""
     return generate_latest(_Families(families))
+
+
+def self_families(
+    ns: str,
+    framework: str,
+    *,
+    dropped: Mapping[str, int],
+    failures: Mapping[str, int],
+    spooled: int,
+    replayed: int,
+) -> list[Metric]:
+    """The pushing process's own counts, sent with each of its groups."""
+    lost = CounterMetricFamily(
+        f"{ns}_push_records_dropped", _HELP["push_records_dropped"], labels=["framework", "reason"]
+    )
+    for reason, n in sorted(dropped.items()):
+        lost.add_metric([framework, reason], n)
+    failed = CounterMetricFamily(
+        f"{ns}_push_failures", _HELP["push_failures"], labels=["framework", "reason"]
+    )
+    for reason, n in sorted(failures.items()):
+        failed.add_metric([framework, reason], n)
+    spooled_f = CounterMetricFamily(
+        f"{ns}_push_records_spooled", _HELP["push_records_spooled"], labels=["framework"]
+    )
+    spooled_f.add_metric([framework], spooled)
+    replayed_f = CounterMetricFamily(
+        f"{ns}_push_records_replayed", _HELP["push_records_replayed"], labels=["framework"]
+    )
+    replayed_f.add_metric([framework], replayed)
+    fams: list[Metric] = [lost, spooled_f, replayed_f]
+    if failures:
+        fams.append(failed)
+    return fams

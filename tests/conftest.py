@@ -22,10 +22,14 @@ def pushgateway() -> Iterator[gateway.Pushgateway]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[None]:
     for key in list(os.environ):
         if key.startswith("ORCHESTRATOR_PUSH_") and key != "ORCHESTRATOR_PUSH_TEST_PUSHGATEWAY":
             monkeypatch.delenv(key)
+    # Every test (and the processes it starts) gets its own spool directory, so
+    # no test replays what another one spooled.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
     yield
     import orchestrator_push
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -54,7 +55,9 @@ def test_success_record_sets_every_last_run_series(pushgateway: Pushgateway) -> 
     assert g.value(f"{NS}_task_last_status", status="success") == 1
     for other in ("failed", "retry", "revoked"):
         assert g.value(f"{NS}_task_last_status", status=other) == 0
-    assert all(g.types[n] == "GAUGE" for n in g.types if n.startswith(NS))
+    assert all(g.types[n] == "GAUGE" for n in g.types
+               if n.startswith(NS) and not n.startswith(f"{NS}_push_"))
+    assert g.types[f"{NS}_push_records_dropped_total"] == "COUNTER"  # the self-metrics
 
 
 def test_failure_after_success_keeps_last_success(pushgateway: Pushgateway) -> None:
@@ -195,12 +198,12 @@ def test_cumulative_counts_and_histogram(pushgateway: Pushgateway) -> None:
     assert not any(name.endswith("_created") for name in g.metrics)
 
 
-def test_gateway_down_then_up_delivers(tmp_path: object) -> None:
+def test_gateway_down_then_up_delivers_from_memory() -> None:
     port = free_port()
-    e = engine_for(f"http://127.0.0.1:{port}")
+    e = engine_for(f"http://127.0.0.1:{port}", spool_dir=None)
     e.record_task(task("success", end=1234.0))
     wait_until(lambda: e.stats().push_failures["connection"] >= 2, 10, what="failed pushes")
-    assert e.flush(0.3) is False
+    assert e.flush(0.3) is False  # no spool: still in memory, and flush says so
     assert e.pending() == 1
     gw = start(port=port)
     try:
@@ -212,12 +215,30 @@ def test_gateway_down_then_up_delivers(tmp_path: object) -> None:
         gw.stop()
 
 
+def test_gateway_down_then_up_delivers_from_the_spool(tmp_path: object) -> None:
+    port = free_port()
+    e = engine_for(f"http://127.0.0.1:{port}", spool_dir=str(tmp_path))
+    e.record_task(task("success", end=1234.0))
+    assert e.flush(0.3) is True  # not delivered, but durably spooled
+    assert e.pending() == 0 and e.stats().spooled == 1
+    assert len(os.listdir(str(tmp_path))) == 1
+    gw = start(port=port)
+    try:
+        assert e.flush(15)  # a flush offers the spool to the gateway
+        g = gw.group(job="celery", flow="nightly", task="load")
+        assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 1234.0
+        assert e.stats().replayed == 1 and os.listdir(str(tmp_path)) == []
+    finally:
+        gw.stop()
+
+
 def test_flush_with_gateway_down_is_bounded() -> None:
-    e = engine_for(f"http://127.0.0.1:{free_port()}", timeout=0.5)
-    e.record_task(task("success"))
-    started = time.monotonic()
-    assert e.flush(1.0) is False
-    assert time.monotonic() - started < 5.0  # bounded by the timeout, not by retries
+    for spool_dir in (None, tempfile.mkdtemp()):
+        e = engine_for(f"http://127.0.0.1:{free_port()}", timeout=0.5, spool_dir=spool_dir)
+        e.record_task(task("success"))
+        started = time.monotonic()
+        assert e.flush(1.0) is (spool_dir is not None)
+        assert time.monotonic() - started < 5.0  # bounded by the timeout, not by retries
 
 
 def seed_conflicting_type(gw: Pushgateway) -> None:
@@ -303,8 +324,8 @@ def test_forked_child_delivers_its_own_records(pushgateway: Pushgateway) -> None
     assert names == ["child", "parent-before-fork"]
 
 
-def test_queue_bound_counts_what_it_drops(pushgateway: Pushgateway) -> None:
-    e = engine_for(pushgateway.url, interval=60.0, max_queue=10)
+def test_queue_bound_counts_what_it_drops_without_a_spool(pushgateway: Pushgateway) -> None:
+    e = engine_for(pushgateway.url, interval=60.0, max_queue=10, spool_dir=None)
     for i in range(25):
         e.record_task(task("success", end=float(i)))
     s = e.stats()
@@ -312,6 +333,18 @@ def test_queue_bound_counts_what_it_drops(pushgateway: Pushgateway) -> None:
     assert e.flush(10) is False  # something recorded was not delivered, and flush says so
     g = pushgateway.group(job="celery", flow="nightly", task="load")
     assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 9.0
+
+
+def test_queue_bound_spools_the_overflow(pushgateway: Pushgateway, tmp_path: object) -> None:
+    e = engine_for(pushgateway.url, interval=60.0, max_queue=10, spool_dir=str(tmp_path))
+    for i in range(25):
+        e.record_task(task("success", end=float(i)))
+    s = e.stats()
+    assert (s.dropped_queue_full, s.spooled) == (0, 15)
+    assert e.flush(10) is True  # the queue pushed, the overflow replayed from the spool
+    g = pushgateway.group(job="celery", flow="nightly", task="load")
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 24.0
+    assert e.stats().replayed == 15 and os.listdir(str(tmp_path)) == []
 
 
 def test_group_cap(pushgateway: Pushgateway) -> None:

@@ -104,6 +104,7 @@ def test_gateway_down_exits_promptly_with_the_commands_code() -> None:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
     assert "not delivered" in lines[0] and "exit code 5 kept" in lines[0]
+    assert "spooled to" in lines[0]
     assert elapsed < 20  # bounded by the 1 s flush timeout plus interpreter start-up
 
 
