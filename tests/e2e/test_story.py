@@ -109,7 +109,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 8
+    assert len(all_rules) == 9
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
@@ -144,6 +144,12 @@ def test_push_failing_and_stale_group_rules(prom: Prometheus, gw: Pushgateway) -
     assert r["PushgatewayGroupStale"]["alerts"] == []
     stale_expr = re.sub(r"7 \* 86400", "0", r["PushgatewayGroupStale"]["query"])
     assert stale_expr != r["PushgatewayGroupStale"]["query"]
+    assert r["OrchestratorPushRecordsLost"]["alerts"] == []  # nothing was dropped
+    lost_expr = r["OrchestratorPushRecordsLost"]["query"].replace("> 0", ">= 0")
+    assert lost_expr != r["OrchestratorPushRecordsLost"]["query"]
+    # every group a task runner or worker pushed carries the self-metrics
+    assert {(f, fl, t) for f, fl, t in tuples(prom.query(lost_expr), "framework", "flow", "task")
+            if t} == set(TASKS)
     every_group = {tuple(sorted(g.labels.items())) for g in gw.groups()}
     got = {tuple(sorted((k, v) for k, v in x["metric"].items() if v)) for x in prom.query(stale_expr)}
     assert got == every_group
@@ -184,6 +190,7 @@ EXPECTED_PANELS: dict[str, Any] = {
     "Failed flows (last run)": lambda res: float(res[0]["value"][1]) == 1,
     "Groups with failing pushes": lambda res: float(res[0]["value"][1]) == 1,
     "Stale groups (no push for 7d)": lambda res: float(res[0]["value"][1]) == 0,
+    "Records dropped by orchestrator-push": lambda res: float(res[0]["value"][1]) == 0,
     "Runs finished per minute (all frameworks' workers)": lambda res: len(res) == 1,
     "Last outcome per task": lambda res: {
         (f, fl, t): s for f, fl, t, s in tuples(res, "framework", "flow", "task", "status")} == TASKS,
