@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -67,14 +68,19 @@ class Group:
 
 
 class Pushgateway:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], args: list[str]) -> None:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], args: list[str],
+                 context: ssl.SSLContext | None = None, headers: dict[str, str] | None = None
+                 ) -> None:
         self.port = port
         self.proc = proc
         self.args = args
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if context else 'http'}://127.0.0.1:{port}"
+        self.context = context  # how the test itself reaches a TLS gateway
+        self.headers = headers or {}  # ... and one with basic auth
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+        req = urllib.request.Request(self.url + path, headers=self.headers)
+        with urllib.request.urlopen(req, timeout=5, context=self.context) as r:
             return r.read()  # type: ignore[no-any-return]
 
     def groups(self) -> list[Group]:
@@ -141,14 +147,15 @@ class Pushgateway:
 
 
 def start(port: int | None = None, extra_args: list[str] | None = None,
-          ready_timeout: float = 10.0) -> Pushgateway:
+          ready_timeout: float = 10.0, context: ssl.SSLContext | None = None,
+          headers: dict[str, str] | None = None) -> Pushgateway:
     binary = find_binary()
     port = port or free_port()
     args = [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=",
             "--log.level=warn", *(extra_args or [])]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    gw = Pushgateway(port, proc, args)
+    gw = Pushgateway(port, proc, args, context, headers)
 
     def ready() -> bool:
         if proc.poll() is not None:
