@@ -70,6 +70,7 @@ class Stats:
 class _Group:
     path: str
     kind: str  # "task" or "flow"
+    key: schema.GroupKey = ()
     framework: str = ""
     # Not yet sent: the newest record, and the newest success / final-failure time.
     last: TaskRecord | FlowRecord | None = None
@@ -476,7 +477,7 @@ class Engine:
                     self.config.max_groups,
                 )
                 return None
-            g = self._groups[key] = _Group(schema.group_path(key), kind)
+            g = self._groups[key] = _Group(schema.group_path(key), kind, key)
         return g
 
     def _key(self, rec: TaskRecord | FlowRecord) -> tuple[schema.GroupKey, str]:
@@ -533,6 +534,9 @@ class Engine:
                 outcome.error or reason,
             )
             return
+        if outcome.status in (401, 403):
+            self._refused_credentials(g, outcome)
+            return
         # The gateway will refuse this payload again: drop it, say why, count it.
         with self._lock:
             self._stats.rejected += g.pending
@@ -545,6 +549,30 @@ class Engine:
             g.path,
             outcome.status,
             outcome.error,
+        )
+
+    def _refused_credentials(self, g: _Group, outcome: Outcome) -> None:
+        """401/403: retrying with the same credentials is pointless, but the records
+        are good: they wait in the spool for a process whose credentials work."""
+        with self._lock:
+            spooled = (
+                g.kind != "cumulative"
+                and self._spool is not None
+                and self._write_spool([g.entry(g.key, self.config.namespace)])
+            )
+            if not spooled:
+                self._stats.rejected += g.pending
+                self._lost += g.pending
+            g.sent()
+        warn_limited(
+            f"auth-{outcome.status}",
+            "orchestrator_push: %s refused the credentials (HTTP %d); check "
+            "ORCHESTRATOR_PUSH_USERNAME and ORCHESTRATOR_PUSH_PASSWORD(_FILE) or "
+            "ORCHESTRATOR_PUSH_BEARER_TOKEN(_FILE). Not retried; records %s",
+            self.config.url,
+            outcome.status,
+            "spooled" if spooled else "dropped",
+            level=logging.ERROR,
         )
 
     def _self_families(self, framework: str) -> list[Metric]:
@@ -630,5 +658,7 @@ def _newer_than(ns: str, g: _Group, at_gateway: Any) -> list[Metric]:
 
 def _reason(outcome: Outcome) -> str:
     if outcome.status == 0:
+        if outcome.error.startswith("TLS"):
+            return "tls"
         return "timeout" if outcome.error == "timed out" else "connection"
     return f"http_{outcome.status}"

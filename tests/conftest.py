@@ -30,6 +30,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     # Every test (and the processes it starts) gets its own spool directory, so
     # no test replays what another one spooled.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    from orchestrator_push import logs
+
+    logs.reset()  # rate-limited warnings start afresh: each test sees its own
     yield
     import orchestrator_push
 
