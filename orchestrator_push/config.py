@@ -282,8 +282,11 @@ def _check(c: Config) -> None:
         value = getattr(c, n)
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(PREFIX + n.upper(), f"must be greater than 0, got {value!r}")
-    for name in c.labels:
+    for name, value in c.labels.items():
         if name in RESERVED_LABELS or name.startswith("__") or not _LABEL_NAME_RE.match(name):
             raise ConfigError(PREFIX + "LABELS", f"label {name!r} is reserved or invalid")
+        if not isinstance(value, str) or value == "":
+            # Prometheus treats an empty label value as no label at all.
+            raise ConfigError(PREFIX + "LABELS", f"label {name!r} needs a non-empty value")
     if c.url.startswith("https://") and not c.tls_verify:
         log.warning("orchestrator_push: TLS certificate verification is OFF for %s", c.url)

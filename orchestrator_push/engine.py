@@ -224,6 +224,7 @@ class Engine:
 
     def _overflow(self, rec: TaskRecord | FlowRecord) -> None:
         """The queue is full (the sender is stuck): this record goes to the spool."""
+        rec = schema.clean(rec)
         key, kind = self._key(rec)
         g = _Group("", kind)
         g.fold(rec)
@@ -495,6 +496,7 @@ class Engine:
         c = self.config
         job, static = c.job_for(rec.framework), c.labels
         self._stats.recorded += 1
+        rec = schema.clean(rec)
         g = self._group(*self._key(rec))
         if g is not None:
             g.fold(rec)

@@ -8,6 +8,7 @@ whose type differs from the same name in another group).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,36 @@ _HELP = {
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.~-]+$")
 
 
+#: What an empty flow or task name is sent as: an empty label value and no label
+#: are the same series in Prometheus, and would merge a task's group with its flow's.
+EMPTY = "(empty)"
+
+
+def clean_value(value: str) -> str:
+    """A label value Prometheus can hold: never empty, valid UTF-8 (a lone
+    surrogate, which a str may carry, becomes U+FFFD)."""
+    if not value:
+        return EMPTY
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value)
+    return value
+
+
+def clean(rec: TaskRecord | FlowRecord) -> TaskRecord | FlowRecord:
+    """``rec`` with flow and task names made safe (the same object when they are)."""
+    flow = clean_value(rec.flow)
+    task = clean_value(rec.task) if isinstance(rec, TaskRecord) else ""
+    if flow == rec.flow and (not isinstance(rec, TaskRecord) or task == rec.task):
+        return rec
+    if isinstance(rec, TaskRecord):
+        return dataclasses.replace(rec, flow=flow, task=task)
+    return dataclasses.replace(rec, flow=flow)
+
+
 def task_group(job: str, rec: TaskRecord, static: Mapping[str, str]) -> GroupKey:
     return (("job", job), ("flow", rec.flow), ("task", rec.task), *sorted(static.items()))
 
@@ -87,7 +118,7 @@ def group_path(key: GroupKey) -> str:
     """
     parts = ["/metrics"]
     for name, value in key:
-        if _SAFE_VALUE.match(value):
+        if _SAFE_VALUE.match(value) and value not in (".", ".."):  # a path would drop those
             parts += [name, value]
         elif value == "":
             parts += [f"{name}@base64", "="]
