@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from gateway import Pushgateway, free_port
+from gateway import Pushgateway, free_port, start
 
 NS = "orchestrator"
 HERE = os.path.dirname(__file__)
@@ -96,9 +96,23 @@ def test_airflow_cfg_section_is_read(airflow_env: dict[str, str], pushgateway: P
 
 
 def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str]) -> None:
-    p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=f"http://127.0.0.1:{free_port()}",
-                   ORCHESTRATOR_PUSH_FLUSH_TIMEOUT="1", ORCHESTRATOR_PUSH_TIMEOUT="1")
+    port = free_port()
+    spool = tempfile.mkdtemp(prefix="op-spool-")
+    p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=f"http://127.0.0.1:{port}",
+                   ORCHESTRATOR_PUSH_FLUSH_TIMEOUT="1", ORCHESTRATOR_PUSH_TIMEOUT="1",
+                   ORCHESTRATOR_PUSH_SPOOL_DIR=spool)
     assert p.returncode == 0, p.stderr[-3000:]
     # the same outcomes as with a gateway
     assert states(p) == EXPECTED_STATES
     assert "RUN failed" in p.stdout
+    # what could not be delivered waits in the spool; the next run delivers it
+    assert os.listdir(spool)
+    gw = start(port=port)
+    try:
+        p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=gw.url, ORCHESTRATOR_PUSH_SPOOL_DIR=spool)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert os.listdir(spool) == []  # replayed (and never over the newer values)
+        g = gw.group(job="airflow", flow="sample", task="ok")
+        assert g.value(f"{NS}_task_last_status", status="success") == 1
+    finally:
+        gw.stop()

@@ -9,7 +9,7 @@ import textwrap
 import uuid
 
 import pytest
-from gateway import Pushgateway, free_port
+from gateway import Pushgateway, free_port, start
 
 import orchestrator_push as op
 from orchestrator_push.prefect import instrument, uninstrument
@@ -86,14 +86,26 @@ def test_uninstrument_stops_reporting(instrumented: Pushgateway) -> None:
     assert instrumented.groups() == []
 
 
-def test_gateway_down_leaves_the_flow_state_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCHESTRATOR_PUSH_URL", f"http://127.0.0.1:{free_port()}")
+def test_gateway_down_leaves_the_flow_state_unchanged(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: object) -> None:
+    port = free_port()
+    monkeypatch.setenv("ORCHESTRATOR_PUSH_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("ORCHESTRATOR_PUSH_SPOOL_DIR", str(tmp_path))
     op.reset()
     instrument()
     try:
         state = flows.child_flow(return_state=True)
         assert state.is_completed() and state.result() == 1
-        assert op.flush(0.5) is False
+        assert op.flush(0.5) is True  # not delivered, but kept in the spool
+        assert os.listdir(str(tmp_path))
+        gw = start(port=port)
+        try:
+            assert op.flush(10)  # the next flush offers the spool to the gateway
+            f = gw.group(job="prefect", flow="child-flow")
+            assert f.value(f"{NS}_flow_last_status", status="success") == 1
+            assert os.listdir(str(tmp_path)) == []
+        finally:
+            gw.stop()
     finally:
         uninstrument()
 
