@@ -470,13 +470,14 @@ class Engine:
             if len(self._groups) >= self.config.max_groups:
                 self._stats.dropped_too_many_groups += 1
                 self._lost += 1
-                warn_limited(
-                    "groups",
-                    "orchestrator_push: more than %d groups in this process "
-                    "(ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones. "
-                    "Is a run id part of a flow or task name?",
-                    self.config.max_groups,
-                )
+                if self._stats.dropped_too_many_groups == 1:  # once: the count says the rest
+                    log.warning(
+                        "orchestrator_push: more than %d groups in this process "
+                        "(ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones "
+                        "(counted in orchestrator_push_records_dropped_total"
+                        '{reason="too_many_groups"}). Is a run id part of a flow or task name?',
+                        self.config.max_groups,
+                    )
                 return None
             g = self._groups[key] = _Group(schema.group_path(key), kind, key)
         return g

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -348,13 +349,23 @@ def test_queue_bound_spools_the_overflow(pushgateway: Pushgateway, tmp_path: obj
     assert e.stats().replayed == 15 and os.listdir(str(tmp_path)) == []
 
 
-def test_group_cap(pushgateway: Pushgateway) -> None:
+def test_group_cap(pushgateway: Pushgateway, caplog: pytest.LogCaptureFixture) -> None:
     e = engine_for(pushgateway.url, interval=60.0, max_groups=3)
-    for i in range(10):
-        e.record_task(task("success", name=f"run-{i}"))
-    assert e.flush(10) is False
-    assert e.stats().dropped_too_many_groups == 7
+    with caplog.at_level(logging.WARNING, logger="orchestrator_push"):
+        for i in range(10):
+            e.record_task(task("success", name=f"run-{i}"))
+        assert e.flush(10) is False
+        for i in range(10, 20):
+            e.record_task(task("success", name=f"run-{i}"))
+        assert e.flush(10) is False
+    assert e.stats().dropped_too_many_groups == 17
     assert len(pushgateway.groups()) == 3
+    warnings = [r for r in caplog.records if "ORCHESTRATOR_PUSH_MAX_GROUPS" in r.getMessage()]
+    assert len(warnings) == 1  # warned about once; the count says the rest
+    e.record_task(task("success", name="run-0", end=5.0))  # a known group: still delivered
+    assert e.flush(10)
+    g = pushgateway.group(job="celery", flow="nightly", task="run-0")
+    assert g.value(f"{NS}_push_records_dropped_total", reason="too_many_groups") == 17
 
 
 def test_disabled_records_nothing(pushgateway: Pushgateway) -> None:
