@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import redis
 from gateway import Pushgateway, free_port, start, wait_until
+
+import orchestrator_push as op
 
 NS = "orchestrator"
 
@@ -112,6 +115,30 @@ def test_gateway_down_tasks_succeed_and_counts_arrive_later(app, start_worker) -
         assert worker.stop() == 0
         assert gw.runs_by_status() == {"success": 12.0}
     finally:
+        gw.stop()
+
+
+def test_worker_exit_with_gateway_down_spools_the_last_runs(app, start_worker,
+                                                            tmp_path: object) -> None:
+    port = free_port()
+    spool = os.path.join(str(tmp_path), "spool")
+    worker = start_worker(f"http://127.0.0.1:{port}", "--pool", "prefork", "-c", "2",
+                          env={"ORCHESTRATOR_PUSH_SPOOL_DIR": spool,
+                               "ORCHESTRATOR_PUSH_FLUSH_TIMEOUT": "1"})
+    results = [app.ok.delay(i) for i in range(6)]
+    assert [m["result"] for m in wait_results(results)] == list(range(6))
+    assert worker.stop() == 0  # warm shutdown: cannot deliver, so it spools
+    assert os.listdir(spool)
+    gw = start(port=port)
+    e = op.Engine(op.load_config({}, url=gw.url, spool_dir=spool, interval=0.05))
+    try:
+        e.record_flow(op.FlowRecord("exec", "replayer", "success", 1.0, 1.0))
+        assert e.flush(30)
+        g = gw.group(job="celery", flow="shop", task="shop.ok")
+        assert g.value(f"{NS}_task_last_status", status="success") == 1
+        assert e.stats().replayed == 6 and os.listdir(spool) == []
+    finally:
+        e.close(0)
         gw.stop()
 
 
