@@ -22,6 +22,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from .config import Config, ConfigError, load_config
 from .groups import GatewayError, delete_group, gateway_info
+from .spool import Spool
 from .transport import Outcome, Transport
 
 PROBE_JOB = "orchestrator_push_doctor"
@@ -126,6 +127,29 @@ def check_gateway(config: Config) -> list[Check]:
     finally:
         transport.close()
     return checks
+
+
+def check_spool(config: Config) -> Check:
+    if not config.spool_dir:
+        return Check(
+            "spool",
+            True,
+            "off (ORCHESTRATOR_PUSH_SPOOL_DIR=off)",
+            "without a spool, what a process cannot deliver before it exits is lost",
+            warning=True,
+        )
+    spool = Spool(config.spool_dir, config.spool_max_bytes)
+    waiting, size = spool.pending(), spool.size()
+    if not waiting:
+        return Check("spool", True, f"empty ({config.spool_dir})")
+    return Check(
+        "spool",
+        True,
+        f"{waiting} file(s), {size} bytes waiting in {config.spool_dir}",
+        "they go to the gateway with the next push from this machine "
+        "(any task, or `orchestrator-push exec --job replay -- true`)",
+        warning=True,
+    )
 
 
 def _prom_query(base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
@@ -241,6 +265,7 @@ def run(
                 warning=True,
             )
         )
+    checks.append(check_spool(config))
     gateway_checks = check_gateway(config)
     checks += gateway_checks
     if prometheus:

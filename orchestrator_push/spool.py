@@ -155,7 +155,11 @@ class Spool:
 
     def pending(self) -> int:
         """Files waiting to be replayed (claimed ones included)."""
-        return sum(1 for e in self._scan() if SUFFIX in e.name and not e.name.startswith("."))
+        return sum(
+            1
+            for e in self._scan()
+            if not e.name.startswith(".") and (e.name.endswith(SUFFIX) or ".claimed-" in e.name)
+        )
 
     def claim(self, limit: int) -> Iterator[tuple[str, list[Entry]]]:
         """Up to ``limit`` files, oldest first, each claimed by this process.

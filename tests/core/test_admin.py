@@ -176,6 +176,25 @@ def test_doctor_passes_against_a_working_gateway(pushgateway: Pushgateway) -> No
     assert labelsets(pushgateway) == []  # the probe group is gone
 
 
+def test_doctor_reports_what_waits_in_the_spool(pushgateway: Pushgateway,
+                                                tmp_path: object) -> None:
+    spool = str(tmp_path)
+    env = {"ORCHESTRATOR_PUSH_URL": pushgateway.url, "ORCHESTRATOR_PUSH_SPOOL_DIR": spool}
+    out = io.StringIO()
+    assert doctor.run(out, env) == 0
+    assert f"[  ok] spool: empty ({spool})" in out.getvalue()
+    e = op.Engine(op.load_config({}, url=f"http://127.0.0.1:{free_port()}", spool_dir=spool,
+                                 timeout=0.3))
+    e.record_task(TaskRecord("exec", "f", "t", "success", 1.0, 1.0))
+    assert e.close(0.5)  # spooled
+    out = io.StringIO()
+    assert doctor.run(out, env) == 0  # a warning, not a failure
+    assert "[warn] spool: 1 file(s)" in out.getvalue()
+    out = io.StringIO()
+    assert doctor.run(out, {**env, "ORCHESTRATOR_PUSH_SPOOL_DIR": "off"}) == 0
+    assert "[warn] spool: off" in out.getvalue()
+
+
 def test_doctor_explains_an_unreachable_gateway_and_bad_config() -> None:
     out = io.StringIO()
     assert doctor.run(out, {"ORCHESTRATOR_PUSH_URL": f"http://127.0.0.1:{free_port()}"}) == 1
