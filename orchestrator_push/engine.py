@@ -130,8 +130,10 @@ class _Group:
                 setattr(self, attr, at)
         self.pending += e.records
 
-    def entry(self, key: schema.GroupKey, ns: str) -> Entry:
-        return Entry(self.kind, key, ns, self.last, self.success_at, self.failure_at, self.pending)
+    def entry(self, ns: str) -> Entry:
+        return Entry(
+            self.kind, self.key, ns, self.last, self.success_at, self.failure_at, self.pending
+        )
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -226,10 +228,10 @@ class Engine:
         """The queue is full (the sender is stuck): this record goes to the spool."""
         rec = schema.clean(rec)
         key, kind = self._key(rec)
-        g = _Group("", kind)
+        g = _Group("", kind, key)
         g.fold(rec)
         g.pending = 1
-        if self._spool is not None and self._write_spool([g.entry(key, self.config.namespace)]):
+        if self._spool is not None and self._write_spool([g.entry(self.config.namespace)]):
             warn_limited(
                 "queue-full",
                 "orchestrator_push: %d records waiting to be sent; "
@@ -335,10 +337,11 @@ class Engine:
         with self._lock:
             while self._queue:
                 self._fold(*self._queue.popleft())
-            entries = []
-            for key, g in self._groups.items():
-                if g.pending and g.kind != "cumulative":
-                    entries.append(g.entry(key, self.config.namespace))
+            entries = [
+                g.entry(self.config.namespace)
+                for g in self._groups.values()
+                if g.pending and g.kind != "cumulative"
+            ]
             if not entries:
                 return not any(g.pending for g in self._groups.values())
             ok = self._write_spool(entries)
@@ -561,7 +564,7 @@ class Engine:
             spooled = (
                 g.kind != "cumulative"
                 and self._spool is not None
-                and self._write_spool([g.entry(g.key, self.config.namespace)])
+                and self._write_spool([g.entry(self.config.namespace)])
             )
             if not spooled:
                 self._stats.rejected += g.pending
@@ -607,7 +610,9 @@ class Engine:
             for e in entries:
                 g = merged.get((e.namespace, e.key))
                 if g is None:
-                    g = merged[(e.namespace, e.key)] = _Group(schema.group_path(e.key), e.kind)
+                    g = merged[(e.namespace, e.key)] = _Group(
+                        schema.group_path(e.key), e.kind, e.key
+                    )
                 g.merge(e)
         try:
             data = read_json(transport, "/api/v1/metrics") or []
