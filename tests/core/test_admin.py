@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from gateway import Pushgateway, free_port
+from gateway import Pushgateway, free_port, wait_until
 
 import orchestrator_push as op
 from orchestrator_push import admin, doctor
@@ -47,6 +47,12 @@ def config(gw: Pushgateway) -> op.Config:
 
 def labelsets(gw: Pushgateway) -> list[dict[str, str]]:
     return sorted((g.labels for g in gw.groups()), key=lambda d: sorted(d.items()))
+
+
+def settles_to(gw: Pushgateway, expected: list[dict[str, str]]) -> bool:
+    """The gateway deletes asynchronously (it answers DELETE with 202): poll."""
+    wait_until(lambda: labelsets(gw) == expected, 10, what=f"groups {expected}")
+    return True
 
 
 def test_status_json_reads_back_every_group(pushgateway: Pushgateway) -> None:
@@ -104,13 +110,13 @@ def test_gc_deletes_only_what_is_older_and_matches(pushgateway: Pushgateway) -> 
     out = io.StringIO()
     assert admin.gc(config(pushgateway), out, older_than=1800, job="airflow", now=later) == 0
     assert out.getvalue().count("deleted job=airflow") == 3
-    assert labelsets(pushgateway) == [g for g in before if g["job"] != "airflow"]
+    assert settles_to(pushgateway, [g for g in before if g["job"] != "airflow"])
     out = io.StringIO()  # everything is fresh for a 2-hour threshold
     assert admin.gc(config(pushgateway), out, older_than=7200, now=later) == 0
     assert "nothing to delete" in out.getvalue()
     assert len(labelsets(pushgateway)) == 4
     assert admin.gc(config(pushgateway), io.StringIO(), older_than=60, now=later) == 0
-    assert labelsets(pushgateway) == []  # odd / name (base64 in the URL) too
+    assert settles_to(pushgateway, [])  # odd / name (base64 in the URL) too
 
 
 def test_gc_from_the_command_line_keeps_fresh_groups(pushgateway: Pushgateway,
@@ -138,10 +144,9 @@ def test_delete_exactly_one_group(pushgateway: Pushgateway,
     assert main(["delete", "--url", pushgateway.url, "--job", "celery",
                  "--label", "instance=w1@host"]) == 0
     assert main(["delete", "--url", pushgateway.url, "--job", "airflow", "--flow", "etl"]) == 0
-    after = labelsets(pushgateway)
-    assert after == [g for g in before if g not in (
+    assert settles_to(pushgateway, [g for g in before if g not in (
         {"job": "exec", "flow": "odd / name", "task": "main"},
-        {"job": "celery", "instance": "w1@host"}, {"job": "airflow", "flow": "etl"})]
+        {"job": "celery", "instance": "w1@host"}, {"job": "airflow", "flow": "etl"})])
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,7 +178,7 @@ def test_doctor_passes_against_a_working_gateway(pushgateway: Pushgateway) -> No
     text = out.getvalue()
     assert "Pushgateway 1." in text and "pushed and deleted" in text
     assert "all checks passed" in text
-    assert labelsets(pushgateway) == []  # the probe group is gone
+    assert settles_to(pushgateway, [])  # the probe group is gone
 
 
 def test_doctor_reports_what_waits_in_the_spool(pushgateway: Pushgateway,
