@@ -216,6 +216,31 @@ def delete(config: Config, out: IO[str], *, labels: Mapping[str, str]) -> int:
     return 0
 
 
+def replay(config: Config, out: IO[str]) -> int:
+    """Deliver the spool now (what the sender of any process does every 30 s)."""
+    from .engine import Engine
+    from .spool import Spool
+
+    if not config.spool_dir:
+        out.write("the spool is off (ORCHESTRATOR_PUSH_SPOOL_DIR=off): nothing to replay\n")
+        return 0
+    before = Spool(config.spool_dir, config.spool_max_bytes).pending()
+    engine = Engine(config)
+    try:
+        empty = engine.replay_spool()
+    finally:
+        engine.close(0)
+    stats = engine.stats()
+    left = Spool(config.spool_dir, config.spool_max_bytes).pending()
+    out.write(
+        f"{stats.replayed} records from {before - left} of {before} spool files "
+        f"delivered to {config.url}; {left} left in {config.spool_dir}\n"
+    )
+    if stats.rejected:
+        out.write(f"{stats.rejected} records refused by the gateway (see its log)\n")
+    return 0 if empty else 1
+
+
 def _read(config: Config, job: str | None) -> list[GroupInfo]:
     transport = Transport(config)
     try:

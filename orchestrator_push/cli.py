@@ -59,6 +59,16 @@ examples:
     + ADMIN_EXIT
 )
 
+REPLAY_EXAMPLES = """\
+examples:
+  orchestrator-push replay
+  # crontab: deliver what failed runs left behind, every 10 minutes
+  */10 * * * *  ORCHESTRATOR_PUSH_URL=http://pushgateway:9091 orchestrator-push replay
+
+exit codes: 0 the spool is empty (or off); 1 something is left (gateway unreachable,
+refused); 2 bad arguments or configuration.
+"""
+
 DOCTOR_EXAMPLES = """\
 examples:
   orchestrator-push doctor
@@ -152,6 +162,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="another grouping label (repeatable)",
     )
+    admin_parser(
+        "replay",
+        "deliver the local spool now",
+        "Deliver what this machine's processes could not (the spool, "
+        "ORCHESTRATOR_PUSH_SPOOL_DIR), never over a newer value at the gateway. "
+        "Any process that pushes does this too; this command does it now.",
+        REPLAY_EXAMPLES,
+    )
     doc = admin_parser(
         "doctor",
         "check the configuration, the gateway and Prometheus",
@@ -203,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"orchestrator-push: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.command == "replay":
+        return admin.replay(config, sys.stdout)
     if args.command == "status":
         return admin.status(
             config, sys.stdout, job=args.job, as_json=args.json, stale_after=args.stale

@@ -146,8 +146,8 @@ def check_spool(config: Config) -> Check:
         "spool",
         True,
         f"{waiting} file(s), {size} bytes waiting in {config.spool_dir}",
-        "they go to the gateway with the next push from this machine "
-        "(any task, or `orchestrator-push exec --job replay -- true`)",
+        "they go to the gateway with the next push from this machine, "
+        "or now with `orchestrator-push replay`",
         warning=True,
     )
 

@@ -231,7 +231,10 @@ class Engine:
         g = _Group("", kind, key)
         g.fold(rec)
         g.pending = 1
-        if self._spool is not None and self._write_spool([g.entry(self.config.namespace)]):
+        # no fsync: this runs on the caller's thread
+        if self._spool is not None and self._write_spool(
+            [g.entry(self.config.namespace)], durable=False
+        ):
             warn_limited(
                 "queue-full",
                 "orchestrator_push: %d records waiting to be sent; "
@@ -249,11 +252,11 @@ class Engine:
             len(self._queue),
         )
 
-    def _write_spool(self, entries: list[Entry]) -> bool:
+    def _write_spool(self, entries: list[Entry], durable: bool = True) -> bool:
         assert self._spool is not None
         records = sum(e.records for e in entries)
         try:
-            self._spool.write(entries)
+            self._spool.write(entries, durable)
         except SpoolFull:
             self._stats.dropped_spool_full += records
             self._lost += records
@@ -598,6 +601,19 @@ class Engine:
         )
 
     # -- replaying the spool -------------------------------------------------------
+
+    def replay_spool(self) -> bool:
+        """Deliver the whole spool now, on the caller's thread (the ``replay``
+        command). True when it is empty afterwards."""
+        if self._spool is None:
+            return True
+        transport = self._make_transport(self.config)
+        try:
+            while self._replay(transport):
+                pass
+        finally:
+            transport.close()
+        return self._spool.pending() == 0
 
     def _replay(self, transport: Transport) -> bool:
         """One pass over the spool; True if it may hold more to replay now."""

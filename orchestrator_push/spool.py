@@ -135,8 +135,11 @@ class Spool:
                 total += entry.stat().st_size
         return total
 
-    def write(self, entries: list[Entry]) -> str:
-        """Store ``entries`` durably; the file's path. Raises SpoolFull or OSError."""
+    def write(self, entries: list[Entry], durable: bool = True) -> str:
+        """Store ``entries``; the file's path. Raises SpoolFull or OSError.
+
+        ``durable``: fsync before the rename, so the file survives a machine
+        crash (a process crash never loses a renamed file either way)."""
         data = encode(entries)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         if self.size() + len(data) > self.max_bytes:
@@ -147,7 +150,8 @@ class Spool:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, final)

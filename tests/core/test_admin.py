@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,7 +167,7 @@ def test_bad_configuration_exits_2_naming_the_variable(
 
 
 def test_every_command_has_help_with_examples() -> None:
-    for cmd in ("status", "gc", "delete", "doctor", "exec"):
+    for cmd in ("status", "gc", "delete", "doctor", "replay", "exec"):
         p = subprocess.run([sys.executable, "-m", "orchestrator_push", cmd, "--help"],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and "examples:" in p.stdout and "exit codes" in p.stdout, cmd
@@ -198,6 +199,26 @@ def test_doctor_reports_what_waits_in_the_spool(pushgateway: Pushgateway,
     out = io.StringIO()
     assert doctor.run(out, {**env, "ORCHESTRATOR_PUSH_SPOOL_DIR": "off"}) == 0
     assert "[warn] spool: off" in out.getvalue()
+
+
+def test_replay_command_delivers_the_spool(pushgateway: Pushgateway, tmp_path: object,
+                                          capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = str(tmp_path)
+    down = f"http://127.0.0.1:{free_port()}"
+    for i in range(3):  # three processes that could not deliver
+        e = op.Engine(op.load_config({}, url=down, spool_dir=spool, timeout=0.3))
+        e.record_task(TaskRecord("exec", "f", f"t{i}", "success", 1.0 + i, 1.0))
+        assert e.close(0.5)
+    assert len(os.listdir(spool)) == 3
+    monkeypatch.setenv("ORCHESTRATOR_PUSH_SPOOL_DIR", spool)
+    assert main(["replay", "--url", down]) == 1  # still unreachable: kept
+    assert "0 records from 0 of 3 spool files" in capsys.readouterr().out
+    assert len(os.listdir(spool)) == 3
+    assert main(["replay", "--url", pushgateway.url]) == 0
+    assert "3 records from 3 of 3 spool files" in capsys.readouterr().out
+    assert os.listdir(spool) == []
+    assert {g.labels["task"] for g in pushgateway.groups()} == {"t0", "t1", "t2"}
 
 
 def test_doctor_explains_an_unreachable_gateway_and_bad_config() -> None:
