@@ -9,7 +9,8 @@ once it is an hour old). A reader claims a file by renaming it to
 ``<name>.claimed-<pid>``: rename is atomic, so of several processes on one
 machine exactly one gets each file. The claimant deletes the file once it is
 delivered, or renames it back for later. A claim whose process is gone is taken
-over. Oldest files are replayed first (names start with the write time).
+over, as is one held for more than ten minutes. Oldest files are replayed first
+(names start with the write time).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .records import FlowRecord, TaskRecord
 
 SUFFIX = ".spool"
 _STALE_TMP = 3600.0
+_STALE_CLAIM = 600.0
 
 
 def default_dir() -> str:
@@ -219,7 +221,10 @@ class Spool:
                         os.unlink(e.path)
                 elif ".claimed-" in e.name:
                     pid = int(e.name.rsplit(".claimed-", 1)[1])
-                    if pid != os.getpid() and not _alive(pid):
+                    # a claim's rename set its ctime: one this old is abandoned even if
+                    # its pid is alive (reused, or a process stuck for good)
+                    abandoned = now - e.stat().st_ctime > _STALE_CLAIM
+                    if pid != os.getpid() and (abandoned or not _alive(pid)):
                         self.release(e.path)
             except (OSError, ValueError):
                 continue

@@ -9,9 +9,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from gateway import Pushgateway, free_port, start
 
 import orchestrator_push as op
+from orchestrator_push import spool as spool_module
 from orchestrator_push.records import TaskRecord
 from orchestrator_push.spool import Entry, Spool
 
@@ -161,6 +163,23 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(pushgateway: Pushgateway,
     assert e.flush(10)
     e.close(1)
     assert e.stats().replayed == 1 and os.listdir(spool) == []
+
+
+def test_a_claim_held_too_long_is_taken_over(pushgateway: Pushgateway, tmp_path: object,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = str(tmp_path)
+    spool_while_down(spool, rec("success", 1000.0))
+    [name] = os.listdir(spool)
+    # claimed by a live process (our parent) that never finishes
+    os.rename(os.path.join(spool, name), os.path.join(spool, f"{name}.claimed-{os.getppid()}"))
+    e = engine(pushgateway.url, spool)
+    e.record_task(rec("success", 2.0, task="other"))
+    assert e.flush(10)
+    assert e.stats().replayed == 0  # a live claim is respected...
+    monkeypatch.setattr(spool_module, "_STALE_CLAIM", 0.0)
+    assert e.flush(10)
+    e.close(1)
+    assert e.stats().replayed == 1 and os.listdir(spool) == []  # ...until it is too old
 
 
 def test_the_spool_has_a_size_bound(tmp_path: object) -> None:
