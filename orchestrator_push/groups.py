@@ -100,8 +100,13 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
     return out
 
 
+#: Reading every group of a big gateway (10,000 groups: tens of MiB) takes
+#: seconds: longer than a push's timeout.
+READ_TIMEOUT = 60.0
+
+
 def read_json(transport: Transport, path: str) -> Any:
-    outcome, body = transport.fetch("GET", path)
+    outcome, body = transport.fetch("GET", path, read_timeout=READ_TIMEOUT)
     if not outcome.ok:
         raise GatewayError(f"GET {path}", outcome)
     try:

@@ -58,6 +58,7 @@ class Transport:
             }
             if not config.tls_verify:
                 tls["assert_hostname"] = False
+        self._connect_timeout = config.timeout
         self._pool = urllib3.PoolManager(
             num_pools=2,
             maxsize=1,
@@ -72,8 +73,12 @@ class Transport:
     def request(self, method: str, path: str, body: bytes = b"") -> Outcome:
         return self.fetch(method, path, body)[0]
 
-    def fetch(self, method: str, path: str, body: bytes = b"") -> tuple[Outcome, bytes]:
-        """One request; the answer's body too (empty unless it succeeded)."""
+    def fetch(
+        self, method: str, path: str, body: bytes = b"", read_timeout: float | None = None
+    ) -> tuple[Outcome, bytes]:
+        """One request; the answer's body too (empty unless it succeeded).
+        ``read_timeout`` overrides the configured one (reading every group of a
+        big gateway takes longer than one push)."""
         try:
             resp = self._pool.request(
                 method,
@@ -82,6 +87,7 @@ class Transport:
                 headers=self._headers,
                 redirect=False,
                 preload_content=True,
+                timeout=self._timeout(read_timeout),
             )
         except urllib3.exceptions.HTTPError as exc:
             return Outcome(0, _describe(exc)), b""
@@ -91,6 +97,11 @@ class Transport:
             return Outcome(resp.status), resp.data
         text = resp.data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
         return Outcome(resp.status, text or (resp.reason or "")), b""
+
+    def _timeout(self, read: float | None) -> urllib3.Timeout:
+        return urllib3.Timeout(
+            connect=self._connect_timeout, read=self._connect_timeout if read is None else read
+        )
 
     def close(self) -> None:
         self._pool.clear()
