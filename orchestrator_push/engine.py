@@ -46,6 +46,8 @@ FLUSH_RETRY = 0.5
 #: spool files one pass replays.
 REPLAY_EVERY = 30.0
 REPLAY_BATCH = 50
+#: Records past the queue bound are written to the spool this many to a file.
+OVERFLOW_BATCH = 200
 
 _Item = tuple[int, TaskRecord | FlowRecord, tuple[tuple[str, str], ...] | None]
 
@@ -191,6 +193,8 @@ class Engine:
         )
         self._next_replay = 0.0
         self._replay_requested = False
+        self._overflow_lock = threading.Lock()
+        self._overflow_buf: list[Entry] = []  # spool entries not yet written
 
     def _after_fork(self) -> None:
         # Locks may have been held by a thread that does not exist here; the
@@ -225,32 +229,46 @@ class Engine:
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
 
     def _overflow(self, rec: TaskRecord | FlowRecord) -> None:
-        """The queue is full (the sender is stuck): this record goes to the spool."""
+        """The queue is full (the sender is stuck): this record goes to the spool,
+        in files of OVERFLOW_BATCH records (the rest at the next flush or cycle)."""
+        if self._spool is None:
+            self._stats.dropped_queue_full += 1
+            self._lost += 1
+            warn_limited(
+                "queue-full-drop",
+                "orchestrator_push: %d records waiting to be sent; "
+                "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE, no spool)",
+                len(self._queue),
+            )
+            return
         rec = schema.clean(rec)
         key, kind = self._key(rec)
         g = _Group("", kind, key)
         g.fold(rec)
         g.pending = 1
-        # no fsync: this runs on the caller's thread
-        if self._spool is not None and self._write_spool(
-            [g.entry(self.config.namespace)], durable=False
-        ):
-            warn_limited(
-                "queue-full",
-                "orchestrator_push: %d records waiting to be sent; "
-                "spooling new ones to %s (ORCHESTRATOR_PUSH_MAX_QUEUE)",
-                len(self._queue),
-                self._spool.directory,
-            )
-            return
-        self._stats.dropped_queue_full += 1
-        self._lost += 1
+        with self._overflow_lock:
+            self._overflow_buf.append(g.entry(self.config.namespace))
+            if len(self._overflow_buf) < OVERFLOW_BATCH:
+                return
+            batch, self._overflow_buf = self._overflow_buf, []
+            # no fsync: this runs on the caller's thread
+            self._write_spool(batch, durable=False)
         warn_limited(
-            "queue-full-drop",
+            "queue-full",
             "orchestrator_push: %d records waiting to be sent; "
-            "dropping new ones (ORCHESTRATOR_PUSH_MAX_QUEUE, no spool)",
+            "spooling new ones to %s (ORCHESTRATOR_PUSH_MAX_QUEUE)",
             len(self._queue),
+            self._spool.directory,
         )
+
+    def _spool_overflow(self) -> None:
+        """Write what the callers' overflow left in memory."""
+        if not self._overflow_buf:
+            return
+        with self._overflow_lock:
+            batch, self._overflow_buf = self._overflow_buf, []
+            if batch:
+                self._write_spool(batch)
 
     def _write_spool(self, entries: list[Entry], durable: bool = True) -> bool:
         assert self._spool is not None
@@ -337,6 +355,7 @@ class Engine:
         """Move everything not yet delivered to the spool. True if it all went."""
         if self._spool is None:
             return False
+        self._spool_overflow()
         with self._lock:
             while self._queue:
                 self._fold(*self._queue.popleft())
@@ -407,8 +426,12 @@ class Engine:
             self.flush_at_exit()
 
     def pending(self) -> int:
-        """Records recorded but not yet delivered or given up on."""
-        return len(self._queue) + sum(g.pending for g in list(self._groups.values()))
+        """Records recorded but not yet delivered, spooled or given up on."""
+        return (
+            len(self._queue)
+            + len(self._overflow_buf)
+            + sum(g.pending for g in list(self._groups.values()))
+        )
 
     def stats(self) -> Stats:
         s = self._stats
@@ -452,6 +475,7 @@ class Engine:
 
     def _cycle(self, transport: Transport) -> None:
         mark = next(self._seq)
+        self._spool_overflow()
         with self._lock:
             while self._queue:
                 self._fold(*self._queue.popleft())
@@ -630,6 +654,22 @@ class Engine:
                         schema.group_path(e.key), e.kind, e.key
                     )
                 g.merge(e)
+        # A group this process still has to push takes the spooled state in: its
+        # next push then carries whichever is newer (pushing the spooled value now
+        # would let the older one in memory overwrite it).
+        with self._lock:
+            while self._queue:  # records still queued are older than the spooled overflow
+                self._fold(*self._queue.popleft())
+            for ns, key in list(merged):
+                mine = self._groups.get(key) if ns == self.config.namespace else None
+                if mine is not None and mine.pending and mine.kind == merged[(ns, key)].kind:
+                    g = merged.pop((ns, key))
+                    self._stats.replayed += g.pending
+                    mine.merge(g.entry(ns))
+        if not merged:
+            for path, _ in claimed:
+                self._spool.done(path)
+            return len(claimed) >= REPLAY_BATCH
         try:
             data = read_json(transport, "/api/v1/metrics") or []
         except GatewayError:

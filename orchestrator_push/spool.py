@@ -29,6 +29,7 @@ from .records import FlowRecord, TaskRecord
 SUFFIX = ".spool"
 _STALE_TMP = 3600.0
 _STALE_CLAIM = 600.0
+_RESCAN = 5.0  # seconds between two scans of the directory's size
 
 
 def default_dir() -> str:
@@ -126,6 +127,10 @@ class Spool:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        # The directory's size as last scanned, and when, plus what this process
+        # wrote since: a write does not rescan a directory of many files.
+        self._scanned_at = float("-inf")
+        self._known_size = 0
 
     def __repr__(self) -> str:
         return f"Spool({self.directory!r})"
@@ -144,7 +149,10 @@ class Spool:
         crash (a process crash never loses a renamed file either way)."""
         data = encode(entries)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        if self.size() + len(data) > self.max_bytes:
+        now = time.monotonic()
+        if now - self._scanned_at > _RESCAN:
+            self._known_size, self._scanned_at = self.size(), now
+        if self._known_size + len(data) > self.max_bytes:
             raise SpoolFull(f"{self.directory} holds more than {self.max_bytes} bytes")
         name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp = os.path.join(self.directory, f".tmp-{name}")
@@ -157,6 +165,7 @@ class Spool:
         finally:
             os.close(fd)
         os.rename(tmp, final)
+        self._known_size += len(data)
         return final
 
     def pending(self) -> int:
