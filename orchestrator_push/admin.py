@@ -1,19 +1,23 @@
-"""The operator's commands: ``status``, ``gc``, ``delete`` (``doctor`` is in doctor.py).
+"""The operator's commands: ``status``, ``gc``, ``delete``, ``replay`` (``doctor`` is
+in doctor.py).
 
 Each takes a :class:`Config`, writes to a stream and returns the exit code:
 0 done, 1 the gateway could not be read or a deletion failed (or, for
-``delete``, no such group), 2 bad arguments or configuration (cli.py).
+``delete``, no such group; for ``replay``, something left in the spool),
+2 bad arguments or configuration (cli.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from .config import Config
+from .engine import Engine
 from .groups import (
     GatewayError,
     GroupInfo,
@@ -22,6 +26,7 @@ from .groups import (
     list_groups,
 )
 from .records import FAILURE_STATUSES
+from .spool import Spool
 from .transport import Transport
 
 _RED, _YELLOW, _RESET = "\033[31m", "\033[33m", "\033[0m"
@@ -218,9 +223,6 @@ def delete(config: Config, out: IO[str], *, labels: Mapping[str, str]) -> int:
 
 def replay(config: Config, out: IO[str]) -> int:
     """Deliver the spool now (what the sender of any process does every 30 s)."""
-    from .engine import Engine
-    from .spool import Spool
-
     if not config.spool_dir:
         out.write("the spool is off (ORCHESTRATOR_PUSH_SPOOL_DIR=off): nothing to replay\n")
         return 0
@@ -261,8 +263,6 @@ def _read(config: Config, job: str | None) -> list[GroupInfo]:
 
 
 def _unreachable(config: Config, exc: GatewayError) -> int:
-    import sys
-
     print(f"orchestrator-push: cannot read the Pushgateway at {config.url}: {exc}", file=sys.stderr)
     return 1
 

@@ -17,11 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+from prometheus_client import Gauge
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from .config import Config, ConfigError, load_config
 from .groups import GatewayError, delete_group, gateway_info
+from .schema import group_path
 from .spool import Spool
 from .transport import Outcome, Transport
 
@@ -64,8 +66,6 @@ def _gateway_fix(outcome: Outcome) -> str:
 
 
 def _probe_body(ns: str) -> bytes:
-    from prometheus_client import Gauge
-
     registry = CollectorRegistry()
     g = Gauge(
         f"{ns}_doctor_probe_timestamp_seconds", "orchestrator-push doctor probe.", registry=registry
@@ -94,8 +94,6 @@ def check_gateway(config: Config) -> list[Check]:
             detail += ", no persistence file (a restart loses every group)"
         checks.append(Check("reach the gateway", True, detail))
         key = (("job", PROBE_JOB), ("instance", f"{os.uname().nodename}-{os.getpid()}"))
-        from .schema import group_path
-
         outcome = transport.request("PUT", group_path(key), _probe_body(config.namespace))
         if not outcome.ok:
             checks.append(
