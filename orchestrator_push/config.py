@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .spool import default_dir as default_spool_dir
+
 PREFIX = "ORCHESTRATOR_PUSH_"
 
 log = logging.getLogger("orchestrator_push")
@@ -83,17 +85,11 @@ class Config:
     client_key: str | None = None
     tls_verify: bool = True
     #: Where undeliverable records wait for the next process; None: no spool.
-    spool_dir: str | None = field(default_factory=lambda: _default_spool_dir())
+    spool_dir: str | None = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 64 * 1024 * 1024
 
     def job_for(self, framework: str) -> str:
         return self.job if self.job is not None else framework
-
-
-def _default_spool_dir() -> str:
-    from .spool import default_dir
-
-    return default_dir()
 
 
 def _bool(var: str, raw: str) -> bool:

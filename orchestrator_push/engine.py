@@ -26,13 +26,12 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
 from . import schema
 from .config import Config
-from .groups import GatewayError, parse_groups, read_json
+from .groups import GatewayError, GroupInfo, parse_groups, read_json
 from .logs import log, warn_limited
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord
 from .spool import Entry, Spool, SpoolFull
@@ -654,6 +653,7 @@ class Engine:
                         schema.group_path(e.key), e.kind, e.key
                     )
                 g.merge(e)
+        delivered = 0  # counted once the pass ends: a released file comes back
         # A group this process still has to push takes the spooled state in: its
         # next push then carries whichever is newer (pushing the spooled value now
         # would let the older one in memory overwrite it).
@@ -664,32 +664,28 @@ class Engine:
                 mine = self._groups.get(key) if ns == self.config.namespace else None
                 if mine is not None and mine.pending and mine.kind == merged[(ns, key)].kind:
                     g = merged.pop((ns, key))
-                    self._stats.replayed += g.pending
+                    delivered += g.pending
                     mine.merge(g.entry(ns))
-        if not merged:
-            for path, _ in claimed:
-                self._spool.done(path)
-            return len(claimed) >= REPLAY_BATCH
-        try:
-            data = read_json(transport, "/api/v1/metrics") or []
-        except GatewayError:
-            for path, _ in claimed:
-                self._spool.release(path)
-            return False
-        current = {}
-        for ns in {ns for ns, _ in merged}:
-            for info in parse_groups(data, ns):
-                if info.kind in ("task", "flow"):
-                    current[(ns, tuple(sorted(info.labels.items())))] = info
+        current: dict[tuple[str, schema.GroupKey], GroupInfo] = {}
+        if merged:
+            try:
+                data = read_json(transport, "/api/v1/metrics") or []
+            except GatewayError:
+                for path, _ in claimed:
+                    self._spool.release(path)
+                return False
+            for ns in {ns for ns, _ in merged}:
+                for info in parse_groups(data, ns):
+                    if info.kind in ("task", "flow"):
+                        current[(ns, tuple(sorted(info.labels.items())))] = info
         for (ns, key), g in merged.items():
-            at_gateway = current.get((ns, tuple(sorted(key))))
-            families = _newer_than(ns, g, at_gateway)
+            families = _newer_than(ns, g, current.get((ns, tuple(sorted(key)))))
             if not families:
-                self._stats.replayed += g.pending  # the gateway already knows better
+                delivered += g.pending  # the gateway already knows better
                 continue
             outcome = transport.request("POST", g.path, schema.encode(families))
             if outcome.ok:
-                self._stats.replayed += g.pending
+                delivered += g.pending
             elif outcome.retryable:
                 for path, _ in claimed:
                     self._spool.release(path)  # all of it again later; replay is idempotent
@@ -699,11 +695,12 @@ class Engine:
                 self._lost += g.pending
         for path, _ in claimed:
             self._spool.done(path)
+        self._stats.replayed += delivered
         log.info("orchestrator_push: replayed %d spool files to %s", len(claimed), self.config.url)
         return len(claimed) >= REPLAY_BATCH
 
 
-def _newer_than(ns: str, g: _Group, at_gateway: Any) -> list[Metric]:
+def _newer_than(ns: str, g: _Group, at_gateway: GroupInfo | None) -> list[Metric]:
     """The spooled values the gateway does not already hold newer ones of."""
     last, success_at, failure_at = g.last, g.success_at, g.failure_at
     if at_gateway is not None:
@@ -716,7 +713,7 @@ def _newer_than(ns: str, g: _Group, at_gateway: Any) -> list[Metric]:
             failure_at = None
     if last is None and success_at is None and failure_at is None:
         return []
-    framework = g.framework or (at_gateway.framework if at_gateway is not None else "")
+    framework = g.framework or (at_gateway.framework if at_gateway is not None else None) or ""
     return schema.last_run_families(ns, g.kind, framework, last, success_at, failure_at)
 
 

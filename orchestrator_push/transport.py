@@ -58,12 +58,12 @@ class Transport:
             }
             if not config.tls_verify:
                 tls["assert_hostname"] = False
-        self._connect_timeout = config.timeout
+        self._timeout = urllib3.Timeout(connect=config.timeout, read=config.timeout)
         self._pool = urllib3.PoolManager(
             num_pools=2,
             maxsize=1,
             retries=False,
-            timeout=urllib3.Timeout(connect=config.timeout, read=config.timeout),
+            timeout=self._timeout,
             **tls,  # type: ignore[arg-type]
         )
 
@@ -87,7 +87,9 @@ class Transport:
                 headers=self._headers,
                 redirect=False,
                 preload_content=True,
-                timeout=self._timeout(read_timeout),
+                timeout=self._timeout
+                if read_timeout is None
+                else urllib3.Timeout(connect=self._timeout.connect_timeout, read=read_timeout),
             )
         except urllib3.exceptions.HTTPError as exc:
             return Outcome(0, _describe(exc)), b""
@@ -97,11 +99,6 @@ class Transport:
             return Outcome(resp.status), resp.data
         text = resp.data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
         return Outcome(resp.status, text or (resp.reason or "")), b""
-
-    def _timeout(self, read: float | None) -> urllib3.Timeout:
-        return urllib3.Timeout(
-            connect=self._connect_timeout, read=self._connect_timeout if read is None else read
-        )
 
     def close(self) -> None:
         self._pool.clear()
