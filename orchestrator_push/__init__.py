@@ -9,7 +9,8 @@ True
 """
 
 from .config import Config, ConfigError, load_config
-from .engine import Engine, Stats
+from .engine import Engine
+from .ledger import Stats
 from .records import FlowRecord, TaskRecord
 from .runtime import configure, flush, get_engine, record_flow, record_task, reset
 

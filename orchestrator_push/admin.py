@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from .config import Config
-from .engine import Engine
 from .groups import (
     GatewayError,
     GroupInfo,
@@ -25,9 +24,11 @@ from .groups import (
     format_age,
     list_groups,
 )
+from .ledger import Ledger
 from .records import FAILURE_STATUSES
+from .replayer import Replayer
 from .spool import Spool
-from .transport import Transport
+from .transport import HttpTransport, Transport
 
 _RED, _YELLOW, _RESET = "\033[31m", "\033[33m", "\033[0m"
 
@@ -170,7 +171,7 @@ def gc(
         )
         return 0
     failed = 0
-    transport = Transport(config)
+    transport: Transport = HttpTransport(config)
     try:
         for g in old:
             age = format_age(now - (g.push_time or now))
@@ -209,7 +210,7 @@ def delete(config: Config, out: IO[str], *, labels: Mapping[str, str]) -> int:
         for g in near[:10]:
             out.write(f"  did you mean: {delete_command(g.labels)}\n")
         return 1
-    transport = Transport(config)
+    transport: Transport = HttpTransport(config)
     try:
         outcome = delete_group(transport, exact[0].key())
     finally:
@@ -226,25 +227,33 @@ def replay(config: Config, out: IO[str]) -> int:
     if not config.spool_dir:
         out.write("the spool is off (ORCHESTRATOR_PUSH_SPOOL_DIR=off): nothing to replay\n")
         return 0
-    before = Spool(config.spool_dir, config.spool_max_bytes).pending()
-    engine = Engine(config)
+    spool = Spool(config.spool_dir, config.spool_max_bytes)
+    before = spool.pending()
+    ledger = Ledger()
+    transport: Transport = HttpTransport(config)
     try:
-        empty = engine.replay_spool()
+        empty = Replayer(config, spool, ledger).run_all(transport)
     finally:
-        engine.close(0)
-    stats = engine.stats()
-    left = Spool(config.spool_dir, config.spool_max_bytes).pending()
+        transport.close()
+    stats = ledger.snapshot()
+    left = spool.pending()
     out.write(
         f"{stats.replayed} records from {before - left} of {before} spool files "
         f"delivered to {config.url}; {left} left in {config.spool_dir}\n"
     )
     if stats.rejected:
         out.write(f"{stats.rejected} records refused by the gateway (see its log)\n")
+    bad = spool.unreadable()
+    if bad:
+        out.write(
+            f"{len(bad)} unreadable spool files set aside (removed after "
+            f"{int(spool.bad_max_age // 86400)} days): {', '.join(bad)}\n"
+        )
     return 0 if empty else 1
 
 
 def _read(config: Config, job: str | None) -> list[GroupInfo]:
-    transport = Transport(config)
+    transport: Transport = HttpTransport(config)
     try:
         groups = list_groups(transport, config.namespace)
     finally:

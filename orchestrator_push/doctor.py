@@ -25,7 +25,7 @@ from .config import Config, ConfigError, load_config
 from .groups import GatewayError, delete_group, gateway_info
 from .schema import group_path
 from .spool import Spool
-from .transport import Outcome, Transport
+from .transport import HttpTransport, Outcome, Reason, Transport
 
 PROBE_JOB = "orchestrator_push_doctor"
 
@@ -40,7 +40,7 @@ class Check:
 
 
 def _gateway_fix(outcome: Outcome) -> str:
-    if outcome.status == 0 and "TLS" in outcome.error:
+    if outcome.reason is Reason.TLS:
         return (
             "the gateway's certificate is not trusted: set ORCHESTRATOR_PUSH_CA_BUNDLE to "
             "the CA file that signed it (or fix the host name in ORCHESTRATOR_PUSH_URL)"
@@ -76,7 +76,7 @@ def _probe_body(ns: str) -> bytes:
 
 def check_gateway(config: Config) -> list[Check]:
     checks: list[Check] = []
-    transport = Transport(config)
+    transport: Transport = HttpTransport(config)
     try:
         try:
             info = gateway_info(transport)

@@ -26,6 +26,7 @@ def exit_code(returncode: int) -> int:
 def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int:
     config = load_config(job=job)  # raises ConfigError before the command runs
     engine = Engine(config)
+    engine.start()  # earlier runs' spool is replayed while the command runs
     started_wall, started = time.time(), time.monotonic()
     code = _run(cmd)
     duration = time.monotonic() - started
@@ -40,7 +41,8 @@ def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int
             exit_code=code,
         )
     )
-    delivered = engine.close()
+    delivered = engine.flush_at_exit()  # its own record only: nobody else's files
+    engine.close(0)
     stats = engine.stats()
     if config.enabled and (not delivered or stats.spooled):
         why = ", ".join(sorted(stats.push_failures)) or "no answer"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema
-from .transport import Outcome, Transport
+from .transport import Outcome, Reason, Transport
 
 
 class GatewayError(Exception):
@@ -113,7 +113,8 @@ def read_json(transport: Transport, path: str) -> Any:
         return json.loads(body)["data"]
     except (ValueError, KeyError, TypeError) as exc:
         raise GatewayError(
-            f"GET {path}", Outcome(0, f"not a Pushgateway answer ({type(exc).__name__})")
+            f"GET {path}",
+            Outcome(0, f"not a Pushgateway answer ({type(exc).__name__})", Reason.CONNECTION),
         ) from None
 
 

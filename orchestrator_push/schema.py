@@ -8,10 +8,12 @@ whose type differs from the same name in another group).
 from __future__ import annotations
 
 import base64
+import bisect
 import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
@@ -24,6 +26,19 @@ from prometheus_client.metrics_core import (
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord, statuses_for
 
 GroupKey = tuple[tuple[str, str], ...]
+
+
+class GroupKind(str, Enum):
+    """What a Pushgateway group of ours holds; one vocabulary for the engine, the
+    spool and the commands that read the gateway back."""
+
+    TASK = "task"  # the last run of one task
+    FLOW = "flow"  # the last run of one flow
+    COUNTERS = "counters"  # cumulative counts of one node or host
+
+    def __str__(self) -> str:  # the same in f-strings on every Python
+        return self.value
+
 
 #: Bucket bounds (seconds) of ``task_duration_seconds``: from sub-second Celery
 #: tasks to hour-long batch jobs.
@@ -201,6 +216,7 @@ CumulativeKey = tuple[str, str, str, str]  # framework, flow, task, status
 
 @dataclass
 class _Series:
+    labels: list[str]  # framework, flow, task, status as sent (names cleaned)
     count: int = 0
     total: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
@@ -210,19 +226,24 @@ class _Series:
 class Cumulative:
     """SPEC 3.3: counts and duration histograms of one long-lived process (or node)."""
 
+    #: by the record's own names (the fast path), and by the names as sent: two
+    #: spellings that clean to one label value share one series.
     series: dict[CumulativeKey, _Series] = field(default_factory=dict)
+    _sent: dict[tuple[str, ...], _Series] = field(default_factory=dict)
 
     def add(self, rec: TaskRecord) -> None:
+        """Count one attempt; its duration must be finite and not negative."""
         key = (rec.framework, rec.flow, rec.task, rec.status)
         s = self.series.get(key)
         if s is None:
-            s = self.series[key] = _Series()
+            labels = [rec.framework, clean_value(rec.flow), clean_value(rec.task), rec.status]
+            s = self._sent.get(tuple(labels))
+            if s is None:
+                s = self._sent[tuple(labels)] = _Series(labels)
+            self.series[key] = s
         s.count += 1
-        s.total += max(rec.duration, 0.0)
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if rec.duration <= bound:
-                s.buckets[i] += 1
-                break
+        s.total += rec.duration
+        s.buckets[bisect.bisect_left(DURATION_BUCKETS, rec.duration)] += 1
 
     def families(self, ns: str) -> list[Metric]:
         labels = ["framework", "flow", "task", "status"]
@@ -230,13 +251,13 @@ class Cumulative:
         hist = HistogramMetricFamily(
             f"{ns}_task_duration_seconds", _HELP["task_duration_seconds"], labels=labels
         )
-        for key, s in sorted(self.series.items()):
-            runs.add_metric(list(key), s.count)
+        for s in sorted(self._sent.values(), key=lambda s: s.labels):
+            runs.add_metric(s.labels, s.count)
             cumulative, acc = [], 0
             for bound, n in zip(DURATION_BUCKETS, s.buckets, strict=True):
                 acc += n
                 cumulative.append((_le(bound), acc))
-            hist.add_metric(list(key), cumulative, s.total)
+            hist.add_metric(s.labels, cumulative, s.total)
         return [runs, hist]
 
 

@@ -10,7 +10,9 @@ once it is an hour old). A reader claims a file by renaming it to
 machine exactly one gets each file. The claimant deletes the file once it is
 delivered, or renames it back for later. A claim whose process is gone is taken
 over, as is one held for more than ten minutes. Oldest files are replayed first
-(names start with the write time).
+(names start with the write time). A file that cannot be parsed is set aside
+as ``<name>.bad`` (counted as lost, shown by ``doctor`` and ``status``) and
+removed once it is ``BAD_MAX_AGE`` old, so it cannot keep the spool full.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,9 @@ SUFFIX = ".spool"
 _STALE_TMP = 3600.0
 _STALE_CLAIM = 600.0
 _RESCAN = 5.0  # seconds between two scans of the directory's size
+BAD = ".bad"
+#: Unreadable files are kept this long for a look, then removed.
+BAD_MAX_AGE = 7 * 86400.0
 
 
 def default_dir() -> str:
@@ -124,6 +129,8 @@ class SpoolFull(Exception):
 
 
 class Spool:
+    bad_max_age = BAD_MAX_AGE
+
     def __init__(self, directory: str, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
@@ -176,12 +183,18 @@ class Spool:
             if not e.name.startswith(".") and (e.name.endswith(SUFFIX) or ".claimed-" in e.name)
         )
 
-    def claim(self, limit: int) -> Iterator[tuple[str, list[Entry]]]:
+    def unreadable(self) -> list[str]:
+        """Paths of the files set aside because they could not be parsed."""
+        return sorted(e.path for e in self._scan() if e.name.endswith(SUFFIX + BAD))
+
+    def claim(
+        self, limit: int, on_unreadable: Callable[[str], None] = lambda path: None
+    ) -> Iterator[tuple[str, list[Entry]]]:
         """Up to ``limit`` files, oldest first, each claimed by this process.
 
         Yields (claimed path, entries). The caller must :meth:`done` or
         :meth:`release` each. A file that cannot be parsed is moved aside
-        (``.bad``) so it never blocks the spool.
+        (``.bad``) so it never blocks the spool, and ``on_unreadable`` is told.
         """
         self._tidy()
         names = sorted(e.name for e in self._scan() if e.name.endswith(SUFFIX))
@@ -199,7 +212,9 @@ class Spool:
                 with open(claimed, "rb") as f:
                     entries = decode(f.read())
             except (OSError, ValueError, KeyError, TypeError):
-                os.replace(claimed, src + ".bad")
+                with contextlib.suppress(OSError):
+                    os.replace(claimed, src + BAD)
+                on_unreadable(src)
                 continue
             got += 1
             yield claimed, entries
@@ -221,12 +236,16 @@ class Spool:
             return []
 
     def _tidy(self) -> None:
-        """Old temporary files (a crash mid-write) go; claims of dead processes return."""
+        """Old temporary files (a crash mid-write) and old unreadable files go;
+        claims of dead processes return."""
         now = time.time()
         for e in self._scan():
             try:
                 if e.name.startswith(".tmp-"):
                     if now - e.stat().st_mtime > _STALE_TMP:
+                        os.unlink(e.path)
+                elif e.name.endswith(BAD):
+                    if now - e.stat().st_mtime > self.bad_max_age:
                         os.unlink(e.path)
                 elif ".claimed-" in e.name:
                     pid = int(e.name.rsplit(".claimed-", 1)[1])

@@ -1,7 +1,9 @@
 """HTTP to the Pushgateway: one keep-alive connection pool, auth and TLS, no retries.
 
-Retries and backoff are the engine's business; this module does one request
-and says what happened, as plain data.
+The contract (:class:`Transport`): one request in, one :class:`Outcome` out,
+never an exception. Retries and backoff are the sender's business
+(sender.py); this module only says what happened, as plain data with a typed
+:class:`Reason`.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import base64
 import ssl
 from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
 
 import urllib3
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -18,12 +22,30 @@ from .config import Config
 _BODY_LIMIT = 300  # enough of a Pushgateway error message to be useful in a log line
 
 
+class Reason(str, Enum):
+    """Why a request did not succeed (the ``reason`` label of the failure self-metric)."""
+
+    NONE = ""  # it succeeded
+    CONNECTION = "connection"
+    TIMEOUT = "timeout"
+    TLS = "tls"
+    HTTP = "http"  # an answer that was not 200/202: the label is http_<status>
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """``status`` is the HTTP status, or 0 when no answer came (``error`` says why)."""
+    """``status`` is the HTTP status, or 0 when no answer came (``error`` says
+    why, ``reason`` classifies it)."""
 
     status: int
     error: str = ""
+    reason: Reason = Reason.NONE
+
+    @property
+    def label(self) -> str:
+        """The failure's name in self-metrics: ``connection``, ``timeout``,
+        ``tls`` or ``http_<status>``."""
+        return f"http_{self.status}" if self.reason is Reason.HTTP else self.reason.value
 
     @property
     def ok(self) -> bool:
@@ -36,7 +58,21 @@ class Outcome:
         return self.status == 0 or self.status >= 500 or self.status == 429
 
 
-class Transport:
+class Transport(Protocol):
+    """What the sender, the replayer and the admin commands need of the network."""
+
+    def request(self, method: str, path: str, body: bytes = b"") -> Outcome: ...
+
+    def fetch(
+        self, method: str, path: str, body: bytes = b"", read_timeout: float | None = None
+    ) -> tuple[Outcome, bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class HttpTransport:
+    """:class:`Transport` over urllib3."""
+
     def __init__(self, config: Config) -> None:
         self._base = config.url
         self._headers = {
@@ -68,7 +104,7 @@ class Transport:
         )
 
     def __repr__(self) -> str:
-        return f"Transport({self._base!r})"
+        return f"HttpTransport({self._base!r})"
 
     def request(self, method: str, path: str, body: bytes = b"") -> Outcome:
         return self.fetch(method, path, body)[0]
@@ -92,29 +128,29 @@ class Transport:
                 else urllib3.Timeout(connect=self._timeout.connect_timeout, read=read_timeout),
             )
         except urllib3.exceptions.HTTPError as exc:
-            return Outcome(0, _describe(exc)), b""
+            return Outcome(0, *_describe(exc)), b""
         except (OSError, ValueError) as exc:
-            return Outcome(0, type(exc).__name__), b""
+            return Outcome(0, type(exc).__name__, Reason.CONNECTION), b""
         if resp.status in (200, 202):
             return Outcome(resp.status), resp.data
         text = resp.data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
-        return Outcome(resp.status, text or (resp.reason or "")), b""
+        return Outcome(resp.status, text or (resp.reason or ""), Reason.HTTP), b""
 
     def close(self) -> None:
         self._pool.clear()
 
 
-def _describe(exc: Exception) -> str:
-    """A short reason without the URL's credentials or request headers."""
+def _describe(exc: Exception) -> tuple[str, Reason]:
+    """A short text without the URL's credentials or request headers, and its class."""
     reason = getattr(exc, "reason", None)
     inner = reason if isinstance(reason, Exception) else exc
     name = type(inner).__name__
     if isinstance(inner, urllib3.exceptions.NewConnectionError):
-        return "connection refused or unreachable"
+        return "connection refused or unreachable", Reason.CONNECTION
     if isinstance(
         inner, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError)
     ):
-        return "timed out"
+        return "timed out", Reason.TIMEOUT
     if isinstance(inner, urllib3.exceptions.SSLError) or "SSL" in name:
-        return f"TLS error: {str(inner)[:200]}"
-    return name
+        return f"TLS error: {str(inner)[:200]}", Reason.TLS
+    return name, Reason.CONNECTION

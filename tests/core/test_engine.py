@@ -258,7 +258,7 @@ def test_4xx_is_not_retried(pushgateway: Pushgateway) -> None:
     assert s.rejected == 1 and s.push_failures["http_400"] == 1
     before = pushgateway.push_count()
     # Several intervals pass; no further attempt is made for the refused payload.
-    wait_until(lambda: e._settled > 0, 5, what="settled")
+    wait_until(lambda: e.pending() == 0, 5, what="settled")
     e.record_flow(FlowRecord("airflow", "other", "success", 1.0, 1.0))
     assert e.flush(5)
     assert pushgateway.push_count() - before == 1  # only the new, valid group
@@ -326,48 +326,54 @@ def test_forked_child_delivers_its_own_records(pushgateway: Pushgateway) -> None
     assert names == ["child", "parent-before-fork"]
 
 
-def test_queue_bound_counts_what_it_drops_without_a_spool(pushgateway: Pushgateway) -> None:
-    e = engine_for(pushgateway.url, interval=60.0, max_queue=10, spool_dir=None)
-    for i in range(25):
-        e.record_task(task("success", end=float(i)))
+def test_a_burst_drops_nothing_and_spools_nothing(pushgateway: Pushgateway,
+                                                  tmp_path: object) -> None:
+    # Folded on the caller's thread: memory follows the groups, not the records.
+    e = engine_for(pushgateway.url, interval=60.0, spool_dir=str(tmp_path))
+    for i in range(50_000):
+        e.record_task(task("success", name=f"t{i % 20}", end=float(i)))
+    assert e.pending() == 50_000
+    assert e.flush(10) is True
     s = e.stats()
-    assert s.dropped_queue_full == 15
-    assert e.flush(10) is False  # something recorded was not delivered, and flush says so
-    g = pushgateway.group(job="celery", flow="nightly", task="load")
-    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 9.0
+    assert (s.spooled, sum(s.lost.values()), s.recorded) == (0, 0, 50_000)
+    assert os.listdir(str(tmp_path)) == []
+    for j in range(20):
+        g = pushgateway.group(job="celery", flow="nightly", task=f"t{j}")
+        assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == float(50_000 - 20 + j)
 
 
-def test_queue_bound_spools_the_overflow(pushgateway: Pushgateway, tmp_path: object) -> None:
-    e = engine_for(pushgateway.url, interval=60.0, max_queue=10, spool_dir=str(tmp_path))
-    for i in range(25):
-        e.record_task(task("success", end=float(i)))
-    s = e.stats()
-    assert (s.dropped_queue_full, s.spooled) == (0, 0)
-    assert e.pending() == 25  # 10 queued, 15 waiting to be written to the spool in a batch
-    assert e.flush(10) is True  # the queue pushed, the overflow spooled and replayed
-    assert e.stats().spooled == 15
-    g = pushgateway.group(job="celery", flow="nightly", task="load")
-    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 24.0
-    assert e.stats().replayed == 15 and os.listdir(str(tmp_path)) == []
-
-
-def test_group_cap(pushgateway: Pushgateway, caplog: pytest.LogCaptureFixture) -> None:
+def test_group_cap_drops_only_when_nothing_can_be_evicted(
+        pushgateway: Pushgateway, caplog: pytest.LogCaptureFixture) -> None:
     e = engine_for(pushgateway.url, interval=60.0, max_groups=3)
     with caplog.at_level(logging.WARNING, logger="orchestrator_push"):
-        for i in range(10):
+        for i in range(10):  # nothing delivered yet: no group can make room
             e.record_task(task("success", name=f"run-{i}"))
         assert e.flush(10) is False
-        for i in range(10, 20):
+        for i in range(10, 13):  # the first three are delivered: they make room
             e.record_task(task("success", name=f"run-{i}"))
-        assert e.flush(10) is False
-    assert e.stats().dropped_too_many_groups == 17
-    assert len(pushgateway.groups()) == 3
+        assert e.flush(10) is True
+    assert e.stats().dropped_too_many_groups == 7
+    assert {g.labels["task"] for g in pushgateway.groups()} == {
+        "run-0", "run-1", "run-2", "run-10", "run-11", "run-12"}
     warnings = [r for r in caplog.records if "ORCHESTRATOR_PUSH_MAX_GROUPS" in r.getMessage()]
     assert len(warnings) == 1  # warned about once; the count says the rest
-    e.record_task(task("success", name="run-0", end=5.0))  # a known group: still delivered
-    assert e.flush(10)
-    g = pushgateway.group(job="celery", flow="nightly", task="run-0")
-    assert g.value(f"{NS}_push_records_dropped_total", reason="too_many_groups") == 17
+    g = pushgateway.group(job="celery", flow="nightly", task="run-12")
+    assert g.value(f"{NS}_push_records_dropped_total", reason="too_many_groups") == 7
+
+
+def test_a_long_lived_process_reports_more_groups_than_the_cap(pushgateway: Pushgateway) -> None:
+    # A scheduler with more DAGs than the cap: settled groups are evicted, least
+    # recently used first, and every DAG's runs keep being delivered.
+    e = engine_for(pushgateway.url, interval=60.0, max_groups=10)
+    for rnd in range(3):
+        for i in range(25):
+            e.record_task(task("success", name=f"dag-{i}", end=1000.0 * rnd + i))
+            if i % 5 == 4:
+                assert e.flush(10) is True
+    assert sum(e.stats().lost.values()) == 0
+    for i in range(25):
+        g = pushgateway.group(job="celery", flow="nightly", task=f"dag-{i}")
+        assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 2000.0 + i
 
 
 def test_disabled_records_nothing(pushgateway: Pushgateway) -> None:
@@ -420,13 +426,14 @@ def test_recording_does_not_wait_for_a_slow_gateway() -> None:
     try:
         e = engine_for(f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=30.0)
         e.record_task(task("success"))
-        wait_until(lambda: e._queue == type(e._queue)() and e.pending() == 1, 5,
-                   what="sender picked the record up")
+        sock.settimeout(10)
+        conn, _ = sock.accept()  # the sender is in its request, waiting for an answer
         started = time.monotonic()
         for _ in range(1000):
             e.record_task(task("success"))
         elapsed = time.monotonic() - started
         assert e.pending() == 1001
         assert elapsed < 5.0, "recording waited on the network"
+        conn.close()
     finally:
         sock.close()

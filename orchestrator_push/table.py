@@ -1,0 +1,298 @@
+"""The group table: every record folded into the state of its Pushgateway group.
+
+Pure data: no threads, no I/O, no clock. The engine calls it under one lock
+(recording on the caller's thread, snapshots and commits on the sender's), so
+memory is bounded by the number of groups, never by the number of records.
+
+A group keeps what its next push must carry: the newest record, the newest
+success and final-failure times, and (counters groups) cumulative counts. Every
+fold gets a sequence number; a :class:`Snapshot` remembers the last one it
+saw, and :meth:`Table.commit` clears only what the snapshot sent, so a record
+folded in while that push was in flight stays pending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client.metrics_core import Metric
+
+from . import schema
+from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord
+from .schema import GroupKey, GroupKind
+from .spool import Entry
+
+Record = TaskRecord | FlowRecord
+
+_NEVER = float("-inf")
+
+
+class Group:
+    """One Pushgateway group's state."""
+
+    __slots__ = (
+        "aliases",
+        "counts",
+        "failure_at",
+        "first_pending",
+        "framework",
+        "key",
+        "kind",
+        "last",
+        "newest",
+        "newest_failure",
+        "newest_run",
+        "newest_success",
+        "path",
+        "pending",
+        "seq",
+        "success_at",
+        "touched",
+    )
+
+    def __init__(self, kind: GroupKind, key: GroupKey, framework: str) -> None:
+        self.kind = kind
+        self.key = key
+        self.path = schema.group_path(key)
+        self.framework = framework
+        self.aliases: list[tuple[object, ...]] = []  # the table's index keys for this group
+        # Not yet sent: the newest record, the newest success / final-failure time.
+        self.last: Record | None = None
+        self.success_at: float | None = None
+        self.failure_at: float | None = None
+        # The newest seen, sent or not, so a late older record never hides a newer one.
+        self.newest = _NEVER
+        self.newest_run: tuple[str | None, int] = (None, 0)  # run id and attempt of the newest
+        self.newest_success = _NEVER
+        self.newest_failure = _NEVER
+        self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
+        self.pending = 0  # records folded in and not yet committed
+        self.seq = 0  # sequence number of the last fold
+        self.first_pending = 0  # a lower bound of the oldest uncommitted fold's number
+        self.touched = 0  # sequence number of the last use (eviction order)
+
+    def __repr__(self) -> str:
+        return f"<Group {self.path} pending={self.pending}>"
+
+    def fold(self, rec: Record) -> None:
+        end = rec.end_time
+        if (
+            isinstance(rec, TaskRecord)
+            and rec.run_id is not None
+            and rec.run_id == (self.newest_run[0])
+        ):
+            newer = rec.attempt >= self.newest_run[1]  # a retry reported after its next try
+        else:
+            newer = end >= self.newest
+        if newer:
+            if end > self.newest:
+                self.newest = end
+            self.last = rec
+            if isinstance(rec, TaskRecord):
+                self.newest_run = (rec.run_id, rec.attempt)
+        status = rec.status
+        if status == SUCCESS:
+            if end >= self.newest_success:
+                self.newest_success = self.success_at = end
+        elif status in FAILURE_STATUSES and end >= self.newest_failure:
+            self.newest_failure = self.failure_at = end
+
+    def merge(self, e: Entry) -> None:
+        """Fold a spooled state in (replay)."""
+        if e.last is not None:
+            self.fold(e.last)
+        if e.success_at is not None and e.success_at >= self.newest_success:
+            self.newest_success = self.success_at = e.success_at
+        if e.failure_at is not None and e.failure_at >= self.newest_failure:
+            self.newest_failure = self.failure_at = e.failure_at
+        self.pending += e.records
+
+    def families(self, ns: str) -> list[Metric]:
+        if self.counts is not None:
+            return self.counts.families(ns)
+        return schema.last_run_families(
+            ns, self.kind.value, self.framework, self.last, self.success_at, self.failure_at
+        )
+
+    def entry(self, ns: str) -> Entry:
+        """The spool's copy of what is pending here."""
+        last = schema.clean(self.last) if self.last is not None else None
+        return Entry(
+            self.kind.value, self.key, ns, last, self.success_at, self.failure_at, self.pending
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one push of ``group`` sends: built under the lock, encoded outside it."""
+
+    group: Group
+    families: list[Metric]
+    seq: int
+    pending: int
+    last: Record | None
+    success_at: float | None
+    failure_at: float | None
+
+    def entry(self, ns: str) -> Entry:
+        """The spool's copy of what this snapshot carries."""
+        g = self.group
+        last = schema.clean(self.last) if self.last is not None else None
+        return Entry(g.kind.value, g.key, ns, last, self.success_at, self.failure_at, self.pending)
+
+
+class Table:
+    """Groups by key, an index from record names to groups, and the dirty set.
+
+    ``max_groups`` bounds memory: a new group past it evicts the least recently
+    used settled (fully delivered) last-run groups. Counters groups are never
+    evicted (their counts would restart from zero at the gateway). When nothing
+    can be evicted, :meth:`fold_task` / :meth:`fold_flow` return False.
+    """
+
+    def __init__(self, job: str | None, static: Mapping[str, str], max_groups: int) -> None:
+        self._job = job
+        self._static = tuple(sorted(static.items()))
+        self.max_groups = max_groups
+        self._groups: dict[GroupKey, Group] = {}
+        self._index: dict[tuple[object, ...], Group] = {}
+        self._dirty: dict[Group, None] = {}  # insertion-ordered set
+        self.seq = 0
+
+    # -- folding (the caller's thread) ----------------------------------------------
+
+    def fold_task(self, rec: TaskRecord, counters: tuple[tuple[str, str], ...] | None) -> bool:
+        """Fold one attempt (and, with ``counters``, count it in that counters group).
+        False when a group had to be refused (the cap)."""
+        ok = True
+        g = self._index.get((rec.framework, rec.flow, rec.task))
+        if g is None:
+            g = self._lookup(GroupKind.TASK, rec)
+        if g is None:
+            ok = False
+        else:
+            g.fold(rec)
+            self._touch(g)
+        if counters is not None:
+            cg = self._index.get((rec.framework, counters))
+            if cg is None:
+                cg = self._lookup(GroupKind.COUNTERS, rec, counters)
+            if cg is None:
+                ok = False
+            else:
+                assert cg.counts is not None
+                cg.counts.add(rec)
+                self._touch(cg)
+        return ok
+
+    def fold_flow(self, rec: FlowRecord) -> bool:
+        g = self._index.get((rec.framework, rec.flow))
+        if g is None:
+            g = self._lookup(GroupKind.FLOW, rec)
+            if g is None:
+                return False
+        g.fold(rec)
+        self._touch(g)
+        return True
+
+    def _touch(self, g: Group) -> None:
+        self.seq += 1
+        g.seq = g.touched = self.seq
+        if not g.pending:
+            g.first_pending = self.seq
+            self._dirty[g] = None
+        g.pending += 1
+
+    def _lookup(
+        self, kind: GroupKind, rec: Record, counters: tuple[tuple[str, str], ...] = ()
+    ) -> Group | None:
+        """The group for a record whose names are not in the index yet (a new
+        group, one evicted earlier, or names that clean to an existing group's)."""
+        job = self._job if self._job is not None else rec.framework
+        alias: tuple[object, ...]
+        if kind is GroupKind.COUNTERS:
+            key: GroupKey = (("job", job), *sorted(counters), *self._static)
+            alias = (rec.framework, counters)
+        elif isinstance(rec, TaskRecord):
+            clean = schema.clean_value(rec.flow), schema.clean_value(rec.task)
+            key = (("job", job), ("flow", clean[0]), ("task", clean[1]), *self._static)
+            alias = (rec.framework, rec.flow, rec.task)
+        else:
+            key = (("job", job), ("flow", schema.clean_value(rec.flow)), *self._static)
+            alias = (rec.framework, rec.flow)
+        g = self._groups.get(key)
+        if g is None:
+            if len(self._groups) >= self.max_groups and not self._evict():
+                return None
+            g = self._groups[key] = Group(kind, key, rec.framework)
+        g.aliases.append(alias)
+        self._index[alias] = g
+        return g
+
+    def _evict(self) -> bool:
+        """Forget the least recently used tenth of the settled last-run groups
+        (one scan for many new groups). True if any went."""
+        settled = [
+            g for g in self._groups.values() if not g.pending and g.kind is not GroupKind.COUNTERS
+        ]
+        if not settled:
+            return False
+        settled.sort(key=lambda g: g.touched)
+        for g in settled[: max(1, self.max_groups // 10)]:
+            del self._groups[g.key]
+            for alias in g.aliases:
+                self._index.pop(alias, None)
+        return True
+
+    # -- delivering (the sender's thread) --------------------------------------------
+
+    def dirty(self) -> list[Group]:
+        return list(self._dirty)
+
+    def snapshot(self, g: Group, ns: str) -> Snapshot:
+        return Snapshot(g, g.families(ns), g.seq, g.pending, g.last, g.success_at, g.failure_at)
+
+    def commit(self, snap: Snapshot) -> None:
+        """What ``snap`` carried reached the gateway (or the spool, or was given up
+        on): clear exactly that."""
+        g = snap.group
+        if g.last is snap.last:
+            g.last = None
+        if g.success_at == snap.success_at:
+            g.success_at = None
+        if g.failure_at == snap.failure_at:
+            g.failure_at = None
+        g.pending = max(g.pending - snap.pending, 0)
+        if g.seq == snap.seq or not g.pending:
+            g.pending = 0
+            self._dirty.pop(g, None)
+        else:
+            g.first_pending = snap.seq + 1
+
+    def settled(self) -> int:
+        """Every fold numbered this or lower is committed."""
+        if not self._dirty:
+            return self.seq
+        return min(g.first_pending for g in self._dirty) - 1
+
+    def pending(self) -> int:
+        return sum(g.pending for g in self._dirty)
+
+    def absorb(self, kind: GroupKind, key: GroupKey, e: Entry) -> bool:
+        """Merge a spooled state into this table's own pending group of that key,
+        if there is one (its next push then carries whichever is newer). True if
+        taken."""
+        g = self._groups.get(key)
+        if g is None or not g.pending or g.kind is not kind:
+            return False
+        g.merge(e)
+        self.seq += 1
+        g.seq = self.seq
+        return True
+
+    def groups(self) -> Iterator[Group]:
+        return iter(list(self._groups.values()))
+
+    def __len__(self) -> int:
+        return len(self._groups)
