@@ -39,6 +39,9 @@ _STARTED: dict[tuple[Any, ...], float] = {}
 _STARTED_MAX = 10_000
 
 
+AIRFLOW_SOURCE = "airflow.cfg [orchestrator_push] {name} or AIRFLOW__ORCHESTRATOR_PUSH__{NAME}"
+
+
 def _airflow_settings() -> dict[str, str]:
     """The ``[orchestrator_push]`` section of airflow.cfg (and its
     ``AIRFLOW__ORCHESTRATOR_PUSH__*`` variables) under our variable names."""
@@ -48,8 +51,13 @@ def _airflow_settings() -> dict[str, str]:
 
         section = conf.getsection("orchestrator_push") or {}
         out.update({PREFIX + str(k).upper(): str(v) for k, v in section.items() if v is not None})
-    except Exception:
-        pass
+    except Exception as exc:  # an unreadable section must be said, not skipped
+        log.error(
+            "orchestrator-push: cannot read the [orchestrator_push] section of airflow.cfg "
+            "(%s: %s); using the environment only",
+            type(exc).__name__,
+            exc,
+        )
     # getsection() ignores these when airflow.cfg has no such section.
     env_prefix = "AIRFLOW__ORCHESTRATOR_PUSH__"
     for key, value in os.environ.items():
@@ -114,7 +122,7 @@ def _record_ti(ti: Any, status: str) -> None:
             status,
         )
         return
-    if runtime.get_engine(_airflow_settings) is None:
+    if runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is None:
         return
     runtime.record_task(_task_record(ti, status, started))
 
@@ -145,7 +153,7 @@ def _record_skipped(dag_run: Any) -> None:
 
 @never_raises
 def _record_dag_run(dag_run: Any, status: str) -> None:
-    if runtime.get_engine(_airflow_settings) is None:
+    if runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is None:
         return
     if SKIPPED_AT_DAG_RUN_END:
         _record_skipped(dag_run)

@@ -64,7 +64,9 @@ def instrument(app: Celery | None = None) -> None:
         from celery import current_app
 
         app = current_app._get_current_object()
-    runtime.configure(fallback=_app_settings(app))
+    runtime.configure(
+        fallback=_app_settings(app), fallback_source="app.conf.orchestrator_push_{name}"
+    )
     with _lock:
         _apps[id(app)] = app
         for signal, handler in _HANDLERS:

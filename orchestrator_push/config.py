@@ -8,11 +8,12 @@ overrides > environment > framework source > defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -37,6 +38,7 @@ class ConfigError(ValueError):
 
     def __init__(self, variable: str, problem: str) -> None:
         self.variable = variable
+        self.problem = problem
         super().__init__(f"{variable}: {problem}")
 
 
@@ -75,7 +77,6 @@ class Config:
     enabled: bool = True
     timeout: float = 5.0
     flush_timeout: float = 5.0
-    max_queue: int = 10_000
     max_groups: int = 2_000
     username: str | None = None
     password: Secret | None = None
@@ -91,9 +92,15 @@ class Config:
     def job_for(self, framework: str) -> str:
         return self.job if self.job is not None else framework
 
+    def __post_init__(self) -> None:
+        # A Config built directly (not by load_config) gets the same checks.
+        _check(self)
 
-def _bool(var: str, raw: str) -> bool:
-    v = raw.strip().lower()
+
+def _bool(var: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    v = str(raw).strip().lower()
     if v in _TRUE:
         return True
     if v in _FALSE:
@@ -101,20 +108,31 @@ def _bool(var: str, raw: str) -> bool:
     raise ConfigError(var, f"expected true or false, got {raw!r}")
 
 
-def _positive(var: str, raw: str, kind: type[float] | type[int] = float) -> float:
+def _positive(var: str, raw: object, kind: type[float] | type[int] = float) -> float:
+    if isinstance(raw, bool):
+        raise ConfigError(var, f"expected a positive number, got {raw!r}")
     try:
-        value = kind(raw.strip())
-    except ValueError:
+        value = kind(raw.strip()) if isinstance(raw, str) else kind(raw)  # type: ignore[arg-type,call-overload]
+    except (TypeError, ValueError):
         raise ConfigError(var, f"expected a positive number, got {raw!r}") from None
+    if kind is int and isinstance(raw, float) and raw != value:
+        raise ConfigError(var, f"expected a whole number, got {raw!r}")
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(var, f"must be greater than 0, got {raw!r}")
     return value
 
 
-def _url(var: str, raw: str) -> tuple[str, str | None, Secret | None]:
-    """The base URL without credentials, plus any user:password it carried."""
+def _text(var: str, raw: object) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(var, f"expected a string, got {type(raw).__name__}")
+    return raw
+
+
+def _url(var: str, raw: object) -> tuple[str, str | None, Secret | None]:
+    """The base URL without credentials, plus any user:password it carried.
+    Errors never echo the value: it may hold a password."""
     try:
-        parts = urlsplit(raw.strip())
+        parts = urlsplit(_text(var, raw).strip())
         port = parts.port  # raises on a bad port
     except ValueError:
         raise ConfigError(var, "not a valid URL") from None
@@ -130,29 +148,33 @@ def _url(var: str, raw: str) -> tuple[str, str | None, Secret | None]:
     return clean, user, password
 
 
-def parse_labels(var: str, raw: str) -> dict[str, str]:
-    """``k=v,k2=v2`` into a dict, refusing names this library or Prometheus reserve."""
+def parse_labels(var: str, raw: object) -> dict[str, str]:
+    """``k=v,k2=v2`` (or a mapping, in code) into a dict, refusing names this
+    library or Prometheus reserve."""
+    if isinstance(raw, Mapping):  # values exactly as given in code
+        pairs = [(str(k), "=", v if isinstance(v, str) else str(v)) for k, v in raw.items()]
+    else:
+        pairs = [item.partition("=") for item in _text(var, raw).split(",") if item.strip()]
+        pairs = [(n, sep, v.strip()) for n, sep, v in pairs]
     labels: dict[str, str] = {}
-    for item in raw.split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
+    for name, sep, value in pairs:
         name = name.strip()
         if not sep:
-            raise ConfigError(var, f"expected k=v pairs separated by commas, got {item.strip()!r}")
+            raise ConfigError(var, f"expected k=v pairs separated by commas, got {name!r}")
         if not _LABEL_NAME_RE.match(name):
             raise ConfigError(var, f"{name!r} is not a valid Prometheus label name")
         if name in RESERVED_LABELS or name.startswith("__"):
             raise ConfigError(var, f"label {name!r} is reserved; choose another name")
         if name in labels:
             raise ConfigError(var, f"label {name!r} is given twice")
-        if not value.strip():
+        if not value:
             raise ConfigError(var, f"label {name!r} has an empty value")
-        labels[name] = value.strip()
+        labels[name] = value
     return labels
 
 
-def _read_secret_file(var: str, path: str) -> Secret:
+def _read_secret_file(var: str, raw: object) -> Secret:
+    path = _text(var, raw)
     try:
         with open(path, encoding="utf-8") as f:
             value = f.read().strip()
@@ -163,103 +185,157 @@ def _read_secret_file(var: str, path: str) -> Secret:
     return Secret(value)
 
 
-def _readable_file(var: str, path: str) -> str:
+def _readable_file(var: str, raw: object) -> str:
+    path = _text(var, raw)
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ConfigError(var, f"file {path!r} does not exist or is not readable")
     return path
+
+
+#: Every setting, by variable name (without the prefix) -> Config field. The
+#: field's name is the variable's in lower case: ``configure(interval=2)`` and
+#: ``ORCHESTRATOR_PUSH_INTERVAL=2`` go through the same parser.
+_FIELDS = {f.name.upper(): f.name for f in dataclasses.fields(Config)}
+_SETTINGS = (*_FIELDS, "PASSWORD_FILE", "BEARER_TOKEN_FILE")
+_SPOOL_OFF = frozenset({"off", "false", "none", "0", "no"})
+
+
+def _secret(var: str, raw: object) -> Secret:
+    return raw if isinstance(raw, Secret) else Secret(_text(var, raw).strip())
+
+
+def _spool_dir(var: str, raw: object) -> str | None:
+    if raw is None or raw is False:
+        return None
+    text = _text(var, raw).strip()
+    if text.lower() in _SPOOL_OFF:
+        return None
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _namespace(var: str, raw: object) -> str:
+    text = _text(var, raw).strip()
+    if not _METRIC_PREFIX_RE.match(text):
+        raise ConfigError(var, f"{text!r} is not a valid metric name prefix")
+    return text
+
+
+def _optional_text(var: str, raw: object) -> str | None:
+    return None if raw is None else _text(var, raw).strip()
+
+
+_PARSERS: dict[str, Callable[[str, object], object]] = {
+    "JOB": _optional_text,
+    "NAMESPACE": _namespace,
+    "LABELS": parse_labels,
+    "INTERVAL": _positive,
+    "TIMEOUT": _positive,
+    "FLUSH_TIMEOUT": _positive,
+    "SPOOL_DIR": _spool_dir,
+    "MAX_GROUPS": lambda var, raw: int(_positive(var, raw, int)),
+    "SPOOL_MAX_BYTES": lambda var, raw: int(_positive(var, raw, int)),
+    "ENABLED": _bool,
+    "TLS_VERIFY": _bool,
+    "USERNAME": lambda var, raw: None if raw is None else _text(var, raw),
+    "PASSWORD": lambda var, raw: None if raw is None else _secret(var, raw),
+    "PASSWORD_FILE": _read_secret_file,
+    "BEARER_TOKEN": lambda var, raw: None if raw is None else _secret(var, raw),
+    "BEARER_TOKEN_FILE": _read_secret_file,
+    "CA_BUNDLE": lambda var, raw: None if raw is None else _readable_file(var, raw),
+    "CLIENT_CERT": lambda var, raw: None if raw is None else _readable_file(var, raw),
+    "CLIENT_KEY": lambda var, raw: None if raw is None else _readable_file(var, raw),
+}
+#: Where a ``_FILE`` variable's value goes.
+_TARGET = {"PASSWORD_FILE": "PASSWORD", "BEARER_TOKEN_FILE": "BEARER_TOKEN"}
 
 
 def load_config(
     environ: Mapping[str, str] | None = None,
     *,
     fallback: Mapping[str, str] | None = None,
+    fallback_source: str | None = None,
     **overrides: object,
 ) -> Config:
     """Build and validate a :class:`Config`.
 
     ``environ`` defaults to ``os.environ``. ``fallback`` holds the same variable
     names from a framework's own configuration, used where the environment is
-    silent. ``overrides`` are :class:`Config` fields set in code; they win.
+    silent; ``fallback_source`` names where it came from in error messages (a
+    template with ``{name}``, such as ``"airflow.cfg [orchestrator_push] {name}"``).
+    ``overrides`` are settings in code, by field name (``url=``, ``interval=``,
+    ``spool_dir="off"``...); they win. Every source goes through the same
+    parsing and validation.
 
     >>> load_config({"ORCHESTRATOR_PUSH_URL": "http://gw:9091"}).url
     'http://gw:9091'
+    >>> load_config({}, spool_dir="off").spool_dir is None
+    True
     """
     env = os.environ if environ is None else environ
-    merged: dict[str, str] = {}
-    for source in (fallback or {}), env:
-        merged.update({k: v for k, v in source.items() if k.startswith(PREFIX)})
-
-    def get(name: str) -> str | None:
-        value = merged.get(PREFIX + name)
-        return value if value is not None and value.strip() != "" else None
+    raw: dict[str, object] = {}
+    origin: dict[str, str] = {}
+    for name, source in (
+        *((n, "fallback") for n in (fallback or {})),
+        *((n, "env") for n in env),
+    ):
+        if not name.startswith(PREFIX):
+            continue
+        value: object = (fallback or {})[name] if source == "fallback" else env[name]
+        if value is None or str(value).strip() == "":
+            continue
+        raw[name[len(PREFIX) :]], origin[name[len(PREFIX) :]] = value, source
+    for key, given in overrides.items():
+        name = key.upper()
+        if name not in _SETTINGS or key != key.lower():
+            raise ConfigError(f"configure({key}=...)", "no such setting") from None
+        raw[name], origin[name] = given, "code"
+        # a value in code wins over its _FILE variant from elsewhere, and the reverse
+        for a, b in _TARGET.items():
+            if name == b and origin.get(a) != "code":
+                raw.pop(a, None)
+            elif name == a and origin.get(b) != "code":
+                raw.pop(b, None)
 
     kw: dict[str, object] = {}
-    if (raw := get("URL")) is not None:
-        kw["url"], user, pw = _url(PREFIX + "URL", raw)
-        if user is not None:
-            kw["username"] = user
-        if pw is not None:
-            kw["password"] = pw
-    if (raw := get("JOB")) is not None:
-        kw["job"] = raw.strip()
-    if (raw := get("NAMESPACE")) is not None:
-        if not _METRIC_PREFIX_RE.match(raw.strip()):
-            raise ConfigError(PREFIX + "NAMESPACE", f"{raw!r} is not a valid metric name prefix")
-        kw["namespace"] = raw.strip()
-    if (raw := get("LABELS")) is not None:
-        kw["labels"] = parse_labels(PREFIX + "LABELS", raw)
-    for name, key in (
-        ("INTERVAL", "interval"),
-        ("TIMEOUT", "timeout"),
-        ("FLUSH_TIMEOUT", "flush_timeout"),
-    ):
-        if (raw := get(name)) is not None:
-            kw[key] = _positive(PREFIX + name, raw)
-    if (raw := get("SPOOL_DIR")) is not None:
-        off = raw.strip().lower() in ("off", "false", "none", "0")
-        kw["spool_dir"] = None if off else os.path.abspath(os.path.expanduser(raw.strip()))
-    for name, key in (
-        ("MAX_QUEUE", "max_queue"),
-        ("MAX_GROUPS", "max_groups"),
-        ("SPOOL_MAX_BYTES", "spool_max_bytes"),
-    ):
-        if (raw := get(name)) is not None:
-            kw[key] = int(_positive(PREFIX + name, raw, int))
-    for name, key in (("ENABLED", "enabled"), ("TLS_VERIFY", "tls_verify")):
-        if (raw := get(name)) is not None:
-            kw[key] = _bool(PREFIX + name, raw)
-    if (raw := get("USERNAME")) is not None:
-        kw["username"] = raw
-    if (raw := get("PASSWORD")) is not None:
-        kw["password"] = Secret(raw)
-    if (raw := get("PASSWORD_FILE")) is not None:
-        kw["password"] = _read_secret_file(PREFIX + "PASSWORD_FILE", raw)
-    if (raw := get("BEARER_TOKEN")) is not None:
-        kw["bearer_token"] = Secret(raw.strip())
-    if (raw := get("BEARER_TOKEN_FILE")) is not None:
-        kw["bearer_token"] = _read_secret_file(PREFIX + "BEARER_TOKEN_FILE", raw)
-    for name, key in (
-        ("CA_BUNDLE", "ca_bundle"),
-        ("CLIENT_CERT", "client_cert"),
-        ("CLIENT_KEY", "client_key"),
-    ):
-        if (raw := get(name)) is not None:
-            kw[key] = _readable_file(PREFIX + name, raw)
-
-    kw.update(overrides)
-    for key in ("password", "bearer_token"):
-        if isinstance(kw.get(key), str):
-            kw[key] = Secret(str(kw[key]))
+    # the URL first (its user:password), the _FILE variables last (they win)
+    for name, value in sorted(raw.items(), key=lambda kv: (kv[0] != "URL", kv[0] in _TARGET)):
+        var = PREFIX + name
+        try:
+            if name == "URL":
+                kw["url"], user, pw = _url(var, value)
+                if user is not None:
+                    kw["username"] = user
+                if pw is not None:
+                    kw["password"] = pw
+            elif name in _PARSERS:
+                kw[_FIELDS[_TARGET.get(name, name)]] = _PARSERS[name](var, value)
+        except ConfigError as exc:
+            if origin[name] == "fallback" and fallback_source:
+                where = fallback_source.format(name=name.lower(), NAME=name)
+                raise ConfigError(var, f"{exc.problem} (set in {where})") from None
+            raise
     try:
-        config = Config(**kw)  # type: ignore[arg-type]
+        return Config(**kw)  # type: ignore[arg-type]
     except TypeError as exc:
         raise ConfigError("configure()", str(exc)) from None
-    _check(config)
-    return config
 
 
 def _check(c: Config) -> None:
-    """Cross-field rules, also applied to values passed in code."""
+    """Rules every Config obeys, however it was built."""
+    if not isinstance(c.url, str):
+        raise ConfigError(PREFIX + "URL", "expected a string")
+    parts = urlsplit(c.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(PREFIX + "URL", "expected http://host:port or https://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            PREFIX + "URL",
+            "credentials in the URL: build the configuration with load_config() or "
+            "configure(), or set ORCHESTRATOR_PUSH_USERNAME and ORCHESTRATOR_PUSH_PASSWORD",
+        )
+    for name in ("password", "bearer_token"):
+        if getattr(c, name) is not None and not isinstance(getattr(c, name), Secret):
+            raise ConfigError(PREFIX + name.upper(), "expected a Secret")
     if c.password is not None and c.username is None:
         raise ConfigError(PREFIX + "USERNAME", "a password is set but no username")
     if c.username is not None and c.password is None:
@@ -274,7 +350,7 @@ def _check(c: Config) -> None:
         raise ConfigError(
             PREFIX + "NAMESPACE", f"{c.namespace!r} is not a valid metric name prefix"
         )
-    for n in ("interval", "timeout", "flush_timeout", "max_queue", "max_groups", "spool_max_bytes"):
+    for n in ("interval", "timeout", "flush_timeout", "max_groups", "spool_max_bytes"):
         value = getattr(c, n)
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(PREFIX + n.upper(), f"must be greater than 0, got {value!r}")

@@ -22,13 +22,18 @@ _invalid = False  # the settings get_engine() found were invalid
 
 
 def configure(
-    config: Config | None = None, *, fallback: Mapping[str, str] | None = None, **overrides: object
+    config: Config | None = None,
+    *,
+    fallback: Mapping[str, str] | None = None,
+    fallback_source: str | None = None,
+    **overrides: object,
 ) -> Engine:
     """Set up the process-wide engine and return it.
 
     With no arguments the configuration comes from ``ORCHESTRATOR_PUSH_*``
     environment variables; ``fallback`` adds a framework's own settings under the
-    same names; keyword arguments set :class:`Config` fields directly. Calling it
+    same names (``fallback_source`` says where, for error messages); keyword
+    arguments are settings in code, parsed like the variables. Calling it
     again with the same configuration keeps the running engine; with a different
     one, the old engine is flushed and replaced.
 
@@ -36,7 +41,11 @@ def configure(
     >>> orchestrator_push.configure(url="http://127.0.0.1:9091", job="nightly")  # doctest: +SKIP
     """
     global _engine, _invalid
-    new = config if config is not None else load_config(None, fallback=fallback, **overrides)
+    new = (
+        config
+        if config is not None
+        else load_config(None, fallback=fallback, fallback_source=fallback_source, **overrides)
+    )
     with _lock:
         old = _engine
         if old is not None and old.config == new:
@@ -48,7 +57,9 @@ def configure(
     return _engine
 
 
-def get_engine(fallback: Callable[[], Mapping[str, str]] | None = None) -> Engine | None:
+def get_engine(
+    fallback: Callable[[], Mapping[str, str]] | None = None, fallback_source: str | None = None
+) -> Engine | None:
     """The process-wide engine, configured on first use from the environment
     (and ``fallback()``, a framework's own settings, read only then).
 
@@ -62,7 +73,10 @@ def get_engine(fallback: Callable[[], Mapping[str, str]] | None = None) -> Engin
     if engine is not None or _invalid:
         return engine
     try:
-        return configure(fallback=fallback() if fallback is not None else None)
+        return configure(
+            fallback=fallback() if fallback is not None else None,
+            fallback_source=fallback_source,
+        )
     except Exception as exc:
         _invalid = True
         warn_limited(
@@ -92,7 +106,9 @@ def flush(timeout: float | None = None) -> bool:
     """Deliver everything recorded so far in this process, waiting at most
     ``timeout`` seconds (default ``ORCHESTRATOR_PUSH_FLUSH_TIMEOUT``).
 
-    True when all of it reached the gateway. Never raises.
+    True when all of it reached the gateway or the local spool (from which
+    the next process that reaches the gateway delivers it) and nothing was
+    given up on since the previous flush. Never raises.
 
     >>> import orchestrator_push
     >>> orchestrator_push.flush(2.0)  # doctest: +SKIP

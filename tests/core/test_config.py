@@ -28,13 +28,13 @@ def test_environment_values_are_read() -> None:
         "ORCHESTRATOR_PUSH_LABELS": "env=prod, team=data",
         "ORCHESTRATOR_PUSH_INTERVAL": "2.5",
         "ORCHESTRATOR_PUSH_ENABLED": "false",
-        "ORCHESTRATOR_PUSH_MAX_QUEUE": "50",
+        "ORCHESTRATOR_PUSH_MAX_GROUPS": "50",
     })
     assert c.url == "https://gw.example:9443"
     assert c.job == "etl" and c.job_for("celery") == "etl"
     assert c.namespace == "acme_batch"
     assert dict(c.labels) == {"env": "prod", "team": "data"}
-    assert c.interval == 2.5 and c.enabled is False and c.max_queue == 50
+    assert c.interval == 2.5 and c.enabled is False and c.max_groups == 50
 
 
 def test_precedence_overrides_then_env_then_fallback() -> None:
@@ -65,7 +65,7 @@ def test_precedence_overrides_then_env_then_fallback() -> None:
         ("ORCHESTRATOR_PUSH_INTERVAL", "nan", "greater than 0"),
         ("ORCHESTRATOR_PUSH_TIMEOUT", "0", "greater than 0"),
         ("ORCHESTRATOR_PUSH_FLUSH_TIMEOUT", "-3", "greater than 0"),
-        ("ORCHESTRATOR_PUSH_MAX_QUEUE", "1.5", "number"),
+        ("ORCHESTRATOR_PUSH_MAX_GROUPS", "1.5", "number"),
         ("ORCHESTRATOR_PUSH_ENABLED", "maybe", "true or false"),
         ("ORCHESTRATOR_PUSH_TLS_VERIFY", "sometimes", "true or false"),
         ("ORCHESTRATOR_PUSH_CA_BUNDLE", "/nonexistent/ca.pem", "not readable"),
@@ -138,3 +138,73 @@ def test_tls_verification_off_warns(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_config_is_a_plain_value() -> None:
     assert load_config({}) == Config()
+
+
+# -- every configuration path goes through the same parsing ---------------------------
+
+
+def test_credentials_in_a_url_given_in_code_are_taken_out(caplog: pytest.LogCaptureFixture) -> None:
+    c = load_config({}, url="http://user:s3cret@gw:9091/")
+    assert c.url == "http://gw:9091" and c.username == "user"
+    assert c.password is not None and c.password.reveal() == "s3cret"
+    assert "s3cret" not in repr(c)
+    import orchestrator_push as op
+    e = op.Engine(c)
+    try:
+        assert "s3cret" not in repr(e)
+    finally:
+        e.close(0)
+
+
+def test_a_config_built_directly_is_checked_too() -> None:
+    from orchestrator_push import Config
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_URL") as info:
+        Config(url="http://user:s3cret@gw:9091")
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_URL"):
+        Config(url="ftp://gw:21")
+
+
+@pytest.mark.parametrize("url", ["ftp://gw:21", "gw:9091", "http://gw:9091/?a=b"])
+def test_code_and_environment_refuse_the_same_urls(url: str) -> None:
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_URL"):
+        load_config({}, url=url)
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_URL"):
+        load_config({"ORCHESTRATOR_PUSH_URL": url})
+
+
+@pytest.mark.parametrize("off", ["off", "OFF", "none", "false", None, False])
+def test_spool_off_in_code(off: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config({}, spool_dir=off).spool_dir is None
+    assert not (tmp_path / "off").exists()
+
+
+def test_code_values_are_parsed_like_the_variables() -> None:
+    c = load_config({}, interval="2.5", enabled="false", labels="team=data, env=prod",
+                    max_groups="50", password="pw", username="u")
+    assert (c.interval, c.enabled, dict(c.labels), c.max_groups) == (
+        2.5, False, {"team": "data", "env": "prod"}, 50)
+    assert c.password is not None and c.password.reveal() == "pw"
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_MAX_GROUPS"):
+        load_config({}, max_groups=1.5)
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_ENABLED"):
+        load_config({}, enabled="maybe")
+    with pytest.raises(ConfigError, match="ORCHESTRATOR_PUSH_LABELS"):
+        load_config({}, labels={"job": "x"})
+
+
+def test_a_password_in_code_wins_over_a_password_file_elsewhere(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    env = {"ORCHESTRATOR_PUSH_USERNAME": "u", "ORCHESTRATOR_PUSH_PASSWORD_FILE": str(pw)}
+    assert load_config(env).password.reveal() == "from-file"  # type: ignore[union-attr]
+    assert load_config(env, password="code").password.reveal() == "code"  # type: ignore[union-attr]
+
+
+def test_a_framework_value_names_where_it_was_set() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({}, fallback={"ORCHESTRATOR_PUSH_INTERVAL": "soon"},
+                    fallback_source="app.conf.orchestrator_push_{name}")
+    assert info.value.variable == "ORCHESTRATOR_PUSH_INTERVAL"
+    assert "app.conf.orchestrator_push_interval" in str(info.value)
