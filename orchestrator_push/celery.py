@@ -46,6 +46,15 @@ _STATUS = {
 }
 
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # A thread of the parent may have held it at fork time; it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 _apps: dict[int, Celery] = {}
 _starts: dict[str, float] = {}  # task id -> monotonic time at prerun
 _reported_failures: OrderedDict[str, None] = OrderedDict()  # task ids, see _emit

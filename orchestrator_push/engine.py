@@ -149,7 +149,7 @@ class Engine:
             self._too_many_groups()
         if not self._started:
             self._start()
-        elif self._synchronous or self._exiting:
+        if self._synchronous or self._exiting:
             # past the exit flush, or no thread: nobody else will deliver it
             self._flush(self.config.flush_timeout, False)
 
@@ -197,8 +197,6 @@ class Engine:
                 self._sender.start(self._make_transport)
             except RuntimeError:  # interpreter shutdown (Python 3.12+): no new threads
                 self._synchronous = self._exiting = True
-        if self._synchronous:
-            self._flush(self.config.flush_timeout, False)
 
     def start(self) -> None:
         """Start the sender now rather than at the first record, so the spool of
@@ -206,6 +204,8 @@ class Engine:
         if self.config.enabled and not self._closed:
             self._replay_requested = True
             self._start()
+            if self._synchronous:
+                self._flush(self.config.flush_timeout, False)
             self._sender.wake()
 
     # -- flush and shutdown ------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,15 @@ log = logging.getLogger("orchestrator_push")
 
 _WINDOW = 60.0
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # A thread of the parent may have held it at fork time; it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 _last: dict[str, tuple[float, int]] = {}  # key -> (last time logged, suppressed since)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,15 @@ FRAMEWORK = "prefect"
 NO_FLOW = "none"
 
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # A thread of the parent may have held it at fork time; it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 _originals: dict[tuple[type, str], Callable[..., Any]] = {}
 
 

@@ -8,6 +8,7 @@ only :func:`record_task` / :func:`record_flow`, which never raise.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 
@@ -17,6 +18,15 @@ from .logs import warn_limited
 from .records import FlowRecord, TaskRecord
 
 _lock = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    # A thread of the parent may have held it at fork time; it does not exist here.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 _engine: Engine | None = None
 _invalid = False  # the settings get_engine() found were invalid
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery
+from forking import fork_with_locks_held
 from gateway import Pushgateway
 
 import orchestrator_push as op
@@ -78,3 +79,11 @@ def test_invalid_conf_fails_at_instrument(monkeypatch: pytest.MonkeyPatch) -> No
     app.conf.orchestrator_push_interval = "-1"
     with pytest.raises(op.ConfigError, match="ORCHESTRATOR_PUSH_INTERVAL"):
         instrument(app)
+
+
+def test_a_child_forked_while_the_adapter_lock_is_held_does_not_deadlock(
+        pushgateway: Pushgateway) -> None:
+    p = fork_with_locks_held(pushgateway.url, "logs", "runtime", "celery")
+    assert p.stdout.strip() == "0", p.stdout + p.stderr
+    g = pushgateway.group(job="exec", flow="forked", task="child")
+    assert g.value("orchestrator_task_last_completion_timestamp_seconds") == 7.0

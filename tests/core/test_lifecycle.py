@@ -1,0 +1,79 @@
+"""A process's life around the engine: fork with locks held, records made during
+interpreter shutdown, and an exit flush bounded to the process's own records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from forking import fork_with_locks_held
+from gateway import Pushgateway, free_port
+
+from orchestrator_push.records import TaskRecord
+from orchestrator_push.spool import Entry, Spool
+
+NS = "orchestrator"
+
+def test_a_child_forked_while_our_locks_are_held_does_not_deadlock(
+        pushgateway: Pushgateway) -> None:
+    p = fork_with_locks_held(pushgateway.url, "logs", "runtime")
+    assert p.stdout.strip() == "0", p.stdout + p.stderr
+    g = pushgateway.group(job="exec", flow="forked", task="child")
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 7.0
+
+
+# Registered before the engine exists, so it runs after the engine's own exit
+# hook; on Python 3.12+ no thread can start then.
+RECORD_DURING_SHUTDOWN = textwrap.dedent("""
+    import atexit, sys
+    import orchestrator_push as op
+    def late():
+        op.record_task(op.TaskRecord("exec", "shutdown", "late", "success", 9.0, 1.0))
+        print("flush", op.flush(float(sys.argv[2])), flush=True)
+    atexit.register(late)
+    op.configure(url=sys.argv[1], spool_dir="off", timeout=0.5)
+""")
+
+
+def test_a_record_made_during_interpreter_shutdown_is_delivered(
+        pushgateway: Pushgateway) -> None:
+    p = subprocess.run([sys.executable, "-c", RECORD_DURING_SHUTDOWN, pushgateway.url, "10"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "flush True" in p.stdout, p.stdout + p.stderr
+    g = pushgateway.group(job="exec", flow="shutdown", task="late")
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 9.0
+
+
+def test_a_record_made_during_shutdown_with_the_gateway_down_is_not_called_delivered() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.run([sys.executable, "-c", RECORD_DURING_SHUTDOWN, url, "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "flush False" in p.stdout, p.stdout + p.stderr
+
+
+EXIT_WITH_A_FULL_SPOOL = textwrap.dedent("""
+    import json, sys
+    import orchestrator_push as op
+    e = op.Engine(op.load_config({}, url=sys.argv[1], spool_dir=sys.argv[2]))
+    e.record_task(op.TaskRecord("exec", "own", "mine", "success", 5.0, 1.0))
+    print(json.dumps({"ok": e.flush_at_exit(), "replayed": e.stats().replayed}), flush=True)
+""")
+
+
+def test_the_exit_flush_delivers_its_own_records_and_replays_nothing(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    spool = Spool(str(tmp_path), 10**9)
+    for i in range(30):
+        spool.write([Entry("task", (("job", "exec"), ("flow", "other"), ("task", f"t{i}")), NS,
+                           TaskRecord("exec", "other", f"t{i}", "success", 100.0 + i, 1.0),
+                           100.0 + i, None, 1)])
+    p = subprocess.run([sys.executable, "-c", EXIT_WITH_A_FULL_SPOOL, pushgateway.url,
+                        str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert json.loads(p.stdout) == {"ok": True, "replayed": 0}, p.stderr
+    assert pushgateway.group(job="exec", flow="own", task="mine").value(
+        f"{NS}_task_last_completion_timestamp_seconds") == 5.0
+    assert not [g for g in pushgateway.groups() if g.labels.get("flow") == "other"]
+    assert len([n for n in os.listdir(str(tmp_path)) if n.endswith(".spool")]) == 30
