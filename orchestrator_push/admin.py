@@ -101,6 +101,7 @@ def status(
         return 0
     if not rows:
         out.write(f"no groups at {config.url}" + (f" for job {job!r}" if job else "") + "\n")
+        out.write(_spool_note(config))
         return 0
     header = [
         "JOB",
@@ -143,7 +144,22 @@ def status(
             elif r["stale"]:
                 line = _YELLOW + line + _RESET
         out.write(line + "\n")
+    out.write(_spool_note(config))
     return 0
+
+
+def _spool_note(config: Config) -> str:
+    """This machine's spool, when it holds something (the table's last line)."""
+    if not config.spool_dir:
+        return ""
+    spool = Spool(config.spool_dir, config.spool_max_bytes)
+    waiting, bad = spool.pending(), spool.unreadable()
+    if not waiting and not bad:
+        return ""
+    note = f"local spool {config.spool_dir}: {waiting} file(s) waiting"
+    if bad:
+        note += f", {len(bad)} unreadable (set aside; see `orchestrator-push doctor`)"
+    return note + "\n"
 
 
 def gc(
@@ -236,10 +252,12 @@ def replay(config: Config, out: IO[str]) -> int:
     finally:
         transport.close()
     stats = ledger.snapshot()
-    left = spool.pending()
+    left, others = spool.waiting(), spool.pending() - spool.waiting()
     out.write(
-        f"{stats.replayed} records from {before - left} of {before} spool files "
-        f"delivered to {config.url}; {left} left in {config.spool_dir}\n"
+        f"{stats.replayed} records from {before - left - others} of {before} spool files "
+        f"delivered to {config.url}; {left} left in {config.spool_dir}"
+        + (f" ({others} being replayed by other processes)" if others else "")
+        + "\n"
     )
     if stats.rejected:
         out.write(f"{stats.rejected} records refused by the gateway (see its log)\n")

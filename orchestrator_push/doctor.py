@@ -137,7 +137,18 @@ def check_spool(config: Config) -> Check:
             warning=True,
         )
     spool = Spool(config.spool_dir, config.spool_max_bytes)
-    waiting, size = spool.pending(), spool.size()
+    waiting, size, bad = spool.pending(), spool.size(), spool.unreadable()
+    if bad:
+        return Check(
+            "spool",
+            True,
+            f"{len(bad)} unreadable file(s) set aside in {config.spool_dir} "
+            f"({waiting} waiting, {size} bytes in all): {', '.join(bad)}",
+            "their records are lost (counted as spool_unreadable); they count toward "
+            f"ORCHESTRATOR_PUSH_SPOOL_MAX_BYTES until removed, by hand or after "
+            f"{int(spool.bad_max_age // 86400)} days",
+            warning=True,
+        )
     if not waiting:
         return Check("spool", True, f"empty ({config.spool_dir})")
     return Check(

@@ -91,6 +91,7 @@ class Engine:
         self._replay_requested = False
         self._replays = 0  # replay passes done (flush() waits for one)
         self._warned_cap = False
+        self._credentials_refused = False
         self._exit_failed_pending: int | None = None  # see flush_at_exit
 
     def _stopping(self) -> bool:
@@ -307,6 +308,7 @@ class Engine:
     def _keep(self, snaps: list[Snapshot]) -> bool:
         """Refused credentials: the records wait in the spool for a process whose
         credentials work (counters cannot be spooled: False)."""
+        self._credentials_refused = True  # replaying with them would be refused too
         if self._spool is None or any(s.group.kind is GroupKind.COUNTERS for s in snaps):
             return False
         return self._write_spool(snaps)
@@ -401,7 +403,7 @@ class Engine:
 
     def _replay(self, transport: Transport) -> None:
         """After each sender cycle: one replay pass when one is due."""
-        if self._replayer is None or self._exiting:
+        if self._replayer is None or self._exiting or self._credentials_refused:
             return
         now = time.monotonic()
         if not (self._replay_requested or now >= self._next_replay):

@@ -40,7 +40,7 @@ Absorb = Callable[[str, GroupKind, GroupKey, Entry], bool]
 @dataclass(frozen=True)
 class PassResult:
     files: int  # files claimed and settled in this pass
-    more: bool  # the spool may hold more to replay now
+    more: bool  # the spool may hold more to replay now (this pass found files)
     failed: bool  # the gateway could not take them (all released for later)
 
 
@@ -60,12 +60,14 @@ class Replayer:
         self._stop = stop
 
     def run_all(self, transport: Transport) -> bool:
-        """Replay until the spool is empty or the gateway fails; True when empty."""
+        """Replay until no file is left to claim or the gateway fails; True when
+        no unclaimed file is left (files other processes hold are theirs)."""
         while True:
             result = self.run_pass(transport)
-            if result.failed or not result.more:
-                break
-        return self.spool.pending() == 0
+            if result.failed:
+                return False
+            if not result.more:
+                return self.spool.waiting() == 0
 
     def run_pass(self, transport: Transport) -> PassResult:
         claimed = list(self.spool.claim(REPLAY_BATCH, self._unreadable))
@@ -89,7 +91,18 @@ class Replayer:
         if merged:
             try:
                 data = read_json(transport, "/api/v1/metrics") or []
-            except GatewayError:
+            except GatewayError as exc:
+                auth = exc.outcome.status in (401, 403)
+                warn_limited(
+                    "replay-read",
+                    "orchestrator_push: cannot read %s before replaying the spool (%s)%s; "
+                    "the files stay in %s",
+                    self._config.url,
+                    exc,
+                    "; check the credentials" if auth else "",
+                    self.spool.directory,
+                    level=logging.ERROR if auth else logging.WARNING,
+                )
                 return self._release(claimed)
             for ns in {ns for ns, _ in merged}:
                 for info in parse_groups(data, ns):
@@ -124,7 +137,7 @@ class Replayer:
             self.spool.done(path)
         self._ledger.replayed(delivered)
         log.info("orchestrator_push: replayed %d spool files to %s", len(claimed), self._config.url)
-        return PassResult(len(claimed), len(claimed) >= REPLAY_BATCH, False)
+        return PassResult(len(claimed), True, False)
 
     def _release(self, claimed: list[tuple[str, list[Entry]]]) -> PassResult:
         for path, _ in claimed:

@@ -183,6 +183,10 @@ class Spool:
             if not e.name.startswith(".") and (e.name.endswith(SUFFIX) or ".claimed-" in e.name)
         )
 
+    def waiting(self) -> int:
+        """Files no process has claimed."""
+        return sum(1 for e in self._scan() if e.name.endswith(SUFFIX))
+
     def unreadable(self) -> list[str]:
         """Paths of the files set aside because they could not be parsed."""
         return sorted(e.path for e in self._scan() if e.name.endswith(SUFFIX + BAD))

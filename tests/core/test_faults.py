@@ -171,3 +171,46 @@ def test_refused_with_400(pushgateway: Pushgateway) -> None:
         assert flow.value(f"{NS}_push_failures_total", reason="http_400") == 1
     finally:
         e.close(0)
+
+
+def test_a_record_folded_while_its_group_is_being_pushed_is_not_cleared(
+        pushgateway: Pushgateway, proxy: Proxy) -> None:
+    proxy.fail_status, proxy.hold = 200, proxy.hold  # answer 200 once released
+    proxy.hold.set()
+    e = engine(proxy.url, interval=60.0)
+    try:
+        e.record_task(TaskRecord("celery", "race", "t", "success", 1000.0, 0.5))
+        e.start()  # the sender pushes at once, and is held at the proxy
+        wait_until(lambda: proxy.held == 1, 10, what="the push in flight")
+        e.record_task(TaskRecord("celery", "race", "t", "failed", 2000.0, 0.5))
+        proxy.hold.clear()  # the first push succeeds: it must commit only what it sent
+        wait_until(lambda: e.stats().pushes == 1, 10, what="the first push answered")
+        assert e.pending() == 1
+        proxy.fail_status = None  # now to the real gateway
+        assert e.flush(10)
+        g = pushgateway.group(job="celery", flow="race", task="t")
+        assert g.value(f"{NS}_task_last_status", status="failed") == 1
+        assert g.value(f"{NS}_task_last_failure_timestamp_seconds") == 2000.0
+    finally:
+        e.close(0)
+
+
+def test_replay_keeps_the_spool_when_credentials_are_refused(
+        pushgateway: Pushgateway, proxy: Proxy, tmp_path: object) -> None:
+    spool = str(tmp_path)
+    down = op.Engine(op.load_config({}, url=f"http://127.0.0.1:{free_port()}", spool_dir=spool,
+                                    timeout=0.3))
+    down.record_task(TaskRecord("exec", "creds", "t", "success", 1000.0, 1.0))
+    assert down.close(0.5)
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": proxy.url, "ORCHESTRATOR_PUSH_SPOOL_DIR": spool}
+    cmd = [sys.executable, "-m", "orchestrator_push", "replay"]
+    for status in (401, 403):
+        proxy.fail_status = status
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and f"HTTP {status}" in p.stderr, p.stdout + p.stderr
+        assert len([n for n in os.listdir(spool) if n.endswith(".spool")]) == 1
+    proxy.fail_status = None
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and os.listdir(spool) == [], p.stdout + p.stderr
+    assert pushgateway.group(job="exec", flow="creds", task="t").value(
+        f"{NS}_task_last_status", status="success") == 1

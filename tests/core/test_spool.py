@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from gateway import Pushgateway, free_port, start
@@ -73,16 +73,6 @@ def test_replay_delivers_an_older_spool_that_is_newer_than_the_gateway(
     assert o.value(f"{NS}_task_last_status", status="retry") == 1
 
 
-REPLAYER = textwrap.dedent("""
-    import json, sys
-    import orchestrator_push as op
-    e = op.Engine(op.load_config({}, url=sys.argv[1], spool_dir=sys.argv[2], interval=0.05))
-    e.record_task(op.TaskRecord("exec", "probe", sys.argv[3], "success", 1.0, 1.0))
-    ok = e.flush(60)
-    print(json.dumps({"ok": ok, "replayed": e.stats().replayed}))
-""")
-
-
 def test_concurrent_processes_replay_each_record_once(pushgateway: Pushgateway,
                                                       tmp_path: object) -> None:
     spool = str(tmp_path)
@@ -93,21 +83,15 @@ def test_concurrent_processes_replay_each_record_once(pushgateway: Pushgateway,
                        rec("success", 1000.0 + i, task=f"t{j}"), 1000.0 + i, None, 1)
                  for j in range(3)])
         entries += 3
-    procs = [subprocess.Popen([sys.executable, "-c", REPLAYER, pushgateway.url, spool, f"p{n}"],
-                              stdout=subprocess.PIPE, text=True) for n in range(4)]
-    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
-    assert all(r["ok"] for r in results)
-    # Each process replays while it finds files: together, every record exactly once.
-    leftover = len(os.listdir(spool))
-    replayed = sum(r["replayed"] for r in results)
-    if leftover:  # a process may stop between batches; one more flush empties the spool
-        e = engine(pushgateway.url, spool)
-        e.record_task(rec("success", 1.0, task="last"))
-        assert e.flush(60)
-        while os.listdir(spool):
-            assert e.flush(60)
-        replayed += e.stats().replayed
-        e.close(1)
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+           "ORCHESTRATOR_PUSH_SPOOL_DIR": spool}
+    # Four `replay` commands at once: each replays until it finds no file, and a
+    # file is claimed by exactly one of them (rename), so each record counts once.
+    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator_push", "replay"], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    replayed = sum(int(out.split(" records from ", 1)[0]) for out in outputs)
     assert replayed == entries
     assert os.listdir(spool) == []
     flows = {g.labels.get("flow") for g in pushgateway.groups()}
@@ -230,3 +214,33 @@ def test_exec_with_the_gateway_down_is_delivered_by_the_next_run(tmp_path: objec
         assert os.listdir(str(tmp_path)) == []
     finally:
         gw.stop()
+
+
+def test_an_unreadable_file_is_counted_reported_and_expires(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    spool = str(tmp_path)
+    bad = os.path.join(spool, "00000000000000000001-1-corrupt.spool")
+    with open(bad, "w") as f:
+        f.write("[{not json")
+    e = engine(pushgateway.url, spool)
+    e.record_task(rec("success", 1.0, task="probe"))
+    assert e.flush(10)  # another process's loss: this process's records are delivered
+    assert e.stats().lost["spool_unreadable"] == 1
+    e.record_task(rec("success", 2.0, task="probe"))  # the next push carries the count
+    assert e.flush(10)
+    e.close(1)
+    g = pushgateway.group(job="exec", flow="nightly", task="probe")
+    assert g.value(f"{NS}_push_records_dropped_total", reason="spool_unreadable") == 1
+    assert os.listdir(spool) == [os.path.basename(bad) + ".bad"]
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+           "ORCHESTRATOR_PUSH_SPOOL_DIR": spool}
+    doctor = subprocess.run([sys.executable, "-m", "orchestrator_push", "doctor"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "1 unreadable file(s)" in doctor.stdout and "spool: empty" not in doctor.stdout
+    status = subprocess.run([sys.executable, "-m", "orchestrator_push", "status"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "1 unreadable" in status.stdout
+    old = time.time() - spool_module.BAD_MAX_AGE - 60
+    os.utime(bad + ".bad", (old, old))
+    Spool(spool, 10**9)._tidy()
+    assert os.listdir(spool) == []
