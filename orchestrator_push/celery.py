@@ -27,6 +27,7 @@ from celery import Celery, signals
 
 from . import runtime
 from .config import PREFIX, ConfigError
+from .ledger import Loss
 from .logs import never_raises
 from .records import FAILED, RETRY, REVOKED, SUCCESS, TaskRecord
 from .relay import Relay
@@ -160,6 +161,12 @@ def _record(rec: TaskRecord, cumulative: dict[str, str], once: str | None) -> No
     runtime.record_task(rec, cumulative=cumulative)
 
 
+def _relay_lost(reason: Loss, n: int) -> None:
+    engine = runtime.get_engine()
+    if engine is not None:
+        engine.ledger.lose(reason, n)
+
+
 def _record_relayed(item: object) -> None:
     rec, cumulative, once = cast("tuple[TaskRecord, dict[str, str], str | None]", item)
     _record(rec, cumulative, once)
@@ -174,7 +181,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     global _relay, _node
     _node = getattr(sender, "hostname", None) or _node
     if _relay is None and _is_prefork(getattr(sender, "pool_cls", None)):
-        _relay = Relay(_record_relayed)
+        _relay = Relay(_record_relayed, on_lost=_relay_lost)
         atexit.register(_parent_exit)
 
 

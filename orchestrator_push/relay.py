@@ -12,6 +12,10 @@ with a single non-blocking ``write``: POSIX makes it atomic, so children never
 interleave, and a child never waits on the parent. If the pipe is full, the
 child keeps the record in a bounded backlog and writes it later (at the latest
 in :meth:`Relay.drain`, which the adapter calls before the child exits).
+What a child has to give up (a record too large for one atomic write, a full
+backlog) is counted and told to the parent in a small frame of its own at the
+next write, so the parent's loss ledger has it; a broken pipe (the parent is
+gone) is counted where it happens.
 """
 
 from __future__ import annotations
@@ -24,26 +28,34 @@ import select
 import struct
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
+from .ledger import Loss
 from .logs import warn_limited
 
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = select.PIPE_BUF
 _SYNC = "sync"
 _ITEM = "item"
+_LOST = "lost"
 
 #: Called in the parent's reader thread with each item a child sent.
 Handler = Callable[[object], None]
+#: Told of every record given up on: (reason, how many).
+OnLost = Callable[[Loss, int], None]
 
 
 class Relay:
     """Create in the parent before forking; :meth:`send` from children."""
 
-    def __init__(self, handler: Handler, *, backlog: int = 10_000) -> None:
+    def __init__(
+        self, handler: Handler, *, backlog: int = 10_000, on_lost: OnLost | None = None
+    ) -> None:
         self.owner = os.getpid()
         self._handler = handler
+        self._on_lost = on_lost
+        self._untold: Counter[Loss] = Counter()  # a child's losses the parent has not heard of
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._wfd, False)
         self._backlog: deque[bytes] = deque()
@@ -67,6 +79,8 @@ class Relay:
             with contextlib.suppress(OSError):
                 os.close(self._rfd)
             self._backlog.clear()
+            self._untold.clear()
+            self.dropped = 0
 
     # -- child side ---------------------------------------------------------------
 
@@ -75,7 +89,7 @@ class Relay:
         try:
             frame = _frame((_ITEM, item))
             if len(frame) > _MAX_FRAME:
-                self.dropped += 1
+                self._lose(Loss.RELAY_TOO_LARGE)
                 warn_limited(
                     "relay-size",
                     "orchestrator_push: a record with names longer than %d bytes was dropped",
@@ -86,11 +100,30 @@ class Relay:
                 self._write_backlog()
             if self._backlog or not self._write(frame):
                 if len(self._backlog) >= self._backlog_max:
-                    self.dropped += 1
+                    self._lose(Loss.RELAY_BACKLOG_FULL)
+                    warn_limited(
+                        "relay-backlog",
+                        "orchestrator_push: the worker's main process is not reading; "
+                        "records dropped (backlog of %d full)",
+                        self._backlog_max,
+                    )
                     return
                 self._backlog.append(frame)
+            self._tell()
         except Exception:
             warn_limited("relay-send", "orchestrator_push: could not hand a record to the parent")
+
+    def _lose(self, reason: Loss, n: int = 1) -> None:
+        self.dropped += n
+        self._untold[reason] += n
+
+    def _tell(self) -> None:
+        """Tell the parent what this child gave up on, once the pipe has room."""
+        if not self._untold or self._backlog:
+            return
+        frame = _frame((_LOST, {r.value: n for r, n in self._untold.items()}))
+        if self._write(frame):
+            self._untold.clear()
 
     def drain(self, timeout: float) -> bool:
         """Write the backlog, waiting up to ``timeout`` for room in the pipe.
@@ -102,6 +135,8 @@ class Relay:
                 return False
             select.select([], [self._wfd], [], remaining)
             self._write_backlog()
+        with contextlib.suppress(OSError):
+            self._tell()
         return self.dropped == 0
 
     def _write_backlog(self) -> None:
@@ -116,7 +151,16 @@ class Relay:
             return False
         except OSError as exc:  # EPIPE: the parent is gone
             if exc.errno == errno.EPIPE:
+                n = len(self._backlog) + 1
                 self._backlog.clear()
+                self.dropped += n
+                if self._on_lost is not None:  # nobody will hear it: count it here
+                    self._on_lost(Loss.RELAY_BROKEN, n)
+                warn_limited(
+                    "relay-broken",
+                    "orchestrator_push: the worker's main process is gone; %d records dropped",
+                    n,
+                )
             raise
 
     # -- parent side --------------------------------------------------------------
@@ -167,6 +211,11 @@ class Relay:
                     event = self._synced.pop(second, None)
                 if event is not None:
                     event.set()
+                return
+            if first == _LOST:
+                if self._on_lost is not None:
+                    for reason, n in second.items():
+                        self._on_lost(Loss(reason), int(n))
                 return
             self._handler(second)
         except Exception:

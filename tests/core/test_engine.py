@@ -437,3 +437,52 @@ def test_recording_does_not_wait_for_a_slow_gateway() -> None:
         conn.close()
     finally:
         sock.close()
+
+
+def test_a_bad_duration_is_sent_as_zero_and_a_bad_end_time_refused(
+        pushgateway: Pushgateway, caplog: pytest.LogCaptureFixture) -> None:
+    e = engine_for(pushgateway.url, interval=60.0)
+    with caplog.at_level(logging.WARNING, logger="orchestrator_push"):
+        for d in (float("nan"), -3.0, float("inf")):
+            e.record_task(task("success", duration=d, end=1000.0), cumulative={"instance": "n1"})
+        e.record_task(task("failed", end=float("nan")), cumulative={"instance": "n1"})
+        assert e.flush(10) is False  # one record was refused, and flush says so
+    s = e.stats()
+    assert (s.cleaned, s.lost["invalid"], s.recorded) == (3, 1, 3)
+    g = pushgateway.group(job="celery", flow="nightly", task="load")
+    assert g.value(f"{NS}_task_last_duration_seconds") == 0.0
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    c = pushgateway.group(job="celery", instance="n1")
+    assert c.value(f"{NS}_task_duration_seconds", status="success", le="0.01") == 3
+    assert c.value(f"{NS}_task_runs_total", status="success") == 3
+    assert len([r for r in caplog.records if "duration" in r.getMessage()]) == 1  # rate-limited
+
+
+def test_counters_groups_carry_the_framework_in_their_self_metrics(
+        pushgateway: Pushgateway) -> None:
+    e = engine_for(pushgateway.url)
+    e.record_task(task("success"), cumulative={"instance": "n1"})
+    assert e.flush(10)
+    c = pushgateway.group(job="celery", instance="n1")
+    assert c.value(f"{NS}_push_records_dropped_total", framework="celery",
+                   reason="too_many_groups") == 0
+
+
+def test_a_failing_sender_cycle_is_logged_rate_limited(
+        pushgateway: Pushgateway, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator_push import sender
+
+    def broken(*_: object, **__: object) -> bytes:
+        raise RuntimeError("encoder broke")
+
+    monkeypatch.setattr(sender.schema, "encode", broken)
+    e = engine_for(pushgateway.url, interval=0.01)
+    with caplog.at_level(logging.ERROR, logger="orchestrator_push"):
+        e.record_task(task("success"))
+        wait_until(lambda: sum(1 for r in caplog.records if "cycle" in r.getMessage()) >= 1, 5,
+                   what="the failure logged")
+        e.close(0.3)
+    assert [r.getMessage() for r in caplog.records].count(
+        "orchestrator_push: sender cycle failed") == 1
+    assert not any(r.exc_info for r in caplog.records if "cycle" in r.getMessage())
