@@ -1,7 +1,7 @@
 """What a Pushgateway costs as its groups grow: the numbers docs/operations.md quotes.
 
 For each size, one real Pushgateway holds G task groups as orchestrator-push
-pushes them (about ten series each, SPEC 3.1), with the gateway's consistency
+pushes them (about ten last-run series each), with the gateway's consistency
 check on (its default) and off, and we measure, side by side:
 the scrape (GET /metrics: time and size, what Prometheus pays every interval),
 one more push (POST of one group: what every task pays), the `status` command's

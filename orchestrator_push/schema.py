@@ -1,4 +1,4 @@
-"""The metric schema (SPEC section 3): records in, Pushgateway groups and families out.
+"""The metric schema (docs/metrics.md): records in, Pushgateway groups and families out.
 
 This is the only module that knows metric names, types and HELP texts, so they
 are identical in every group and every process (the Pushgateway rejects a push
@@ -165,7 +165,7 @@ def last_run_families(
     success_at: float | None = None,
     failure_at: float | None = None,
 ) -> list[Metric]:
-    """SPEC 3.1 (``kind`` "task") or 3.2 (``kind`` "flow") for one group.
+    """The last-run series (``kind`` "task" or "flow") for one group.
 
     ``last`` is the newest finished attempt not yet sent; ``success_at`` and
     ``failure_at`` are the newest success and final-failure times not yet sent.
@@ -191,12 +191,12 @@ def last_run_families(
 
 
 def task_families(ns: str, rec: TaskRecord) -> list[Metric]:
-    """The families of a single task record (SPEC 3.1)."""
+    """The families of a single task record (docs/metrics.md, last run of each task)."""
     return _single(ns, rec)
 
 
 def flow_families(ns: str, rec: FlowRecord) -> list[Metric]:
-    """The families of a single flow record (SPEC 3.2)."""
+    """The families of a single flow record (docs/metrics.md, last run of each flow)."""
     return _single(ns, rec)
 
 
@@ -224,7 +224,7 @@ class _Series:
 
 @dataclass
 class Cumulative:
-    """SPEC 3.3: counts and duration histograms of one long-lived process (or node)."""
+    """Cumulative counts and duration histograms of one long-lived process (or node)."""
 
     #: by the record's own names (the fast path), and by the names as sent: two
     #: spellings that clean to one label value share one series.
