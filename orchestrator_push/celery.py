@@ -61,6 +61,11 @@ _starts: dict[str, float] = {}  # task id -> monotonic time at prerun
 _reported_failures: OrderedDict[str, None] = OrderedDict()  # task ids, see _emit
 _relay: Relay | None = None
 _node: str | None = None
+_counters: dict[str, tuple[tuple[str, str], ...]] = {}  # instance -> its counters group
+
+
+def _hostname() -> str:
+    return socket.gethostname()
 
 
 def instrument(app: Celery | None = None) -> None:
@@ -123,15 +128,16 @@ def _flow(task: Any) -> str:
 def _record_of(task: Any, status: str, duration: float, request: Any) -> TaskRecord:
     """``attempt`` is ``request.retries + 1``; the record ends now."""
     task_id = getattr(request, "id", None)
-    return TaskRecord(
-        framework=FRAMEWORK,
-        flow=_flow(task),
-        task=str(task.name),
-        status=status,
-        end_time=time.time(),
-        duration=duration,
-        attempt=int(getattr(request, "retries", 0) or 0) + 1,
-        run_id=str(task_id) if task_id is not None else None,
+    return TaskRecord(  # positional: this runs for every task
+        FRAMEWORK,
+        _flow(task),
+        str(task.name),
+        status,
+        time.time(),
+        duration,
+        int(getattr(request, "retries", 0) or 0) + 1,
+        None,
+        str(task_id) if task_id is not None else None,
     )
 
 
@@ -142,7 +148,10 @@ def _emit(rec: TaskRecord, node: str | None, once: str | None = None) -> None:
     child's ``task_postrun`` without a state, the parent's ``task_failure``
     after a hard time limit); only the first report counts.
     """
-    cumulative = {"instance": node or _node or socket.gethostname()}
+    instance = node or _node or _hostname()
+    cumulative = _counters.get(instance)
+    if cumulative is None:
+        cumulative = _counters[instance] = (("instance", instance),)
     relay = _relay
     if relay is not None and relay.in_child():
         relay.send((rec, cumulative, once))
@@ -150,7 +159,7 @@ def _emit(rec: TaskRecord, node: str | None, once: str | None = None) -> None:
         _record(rec, cumulative, once)
 
 
-def _record(rec: TaskRecord, cumulative: dict[str, str], once: str | None) -> None:
+def _record(rec: TaskRecord, cumulative: tuple[tuple[str, str], ...], once: str | None) -> None:
     if once is not None:
         with _lock:
             if once in _reported_failures:
@@ -168,7 +177,7 @@ def _relay_lost(reason: Loss, n: int) -> None:
 
 
 def _record_relayed(item: object) -> None:
-    rec, cumulative, once = cast("tuple[TaskRecord, dict[str, str], str | None]", item)
+    rec, cumulative, once = cast("tuple[TaskRecord, tuple[tuple[str, str], ...], str | None]", item)
     _record(rec, cumulative, once)
 
 

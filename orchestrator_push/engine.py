@@ -12,7 +12,6 @@ the parent's to send.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import os
 import threading
@@ -104,9 +103,15 @@ class Engine:
 
     # -- the caller's side: a lookup and a fold under one lock, never raises -------
 
-    def record_task(self, rec: TaskRecord, *, cumulative: Mapping[str, str] | None = None) -> None:
-        """Record a finished attempt. With ``cumulative``, also count it in the
-        counters group whose extra grouping labels are ``cumulative``."""
+    def record_task(
+        self,
+        rec: TaskRecord,
+        *,
+        cumulative: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
+        """Record a finished attempt. With ``cumulative`` (a mapping, or a tuple of
+        (name, value) pairs, which costs less), also count it in the counters
+        group whose extra grouping labels are ``cumulative``."""
         try:
             if not self.config.enabled or self._closed:
                 return
@@ -118,7 +123,10 @@ class Engine:
                 if cleaned is None:
                     return
                 rec = cleaned
-            counters = None if cumulative is None else tuple(cumulative.items())
+            if cumulative is None or isinstance(cumulative, tuple):
+                counters = cumulative
+            else:
+                counters = tuple(cumulative.items())
             with self._lock:
                 ok = self._table.fold_task(rec, counters)
                 self._ledger.recorded()
@@ -175,7 +183,7 @@ class Engine:
             rec.flow,
             rec.duration,
         )
-        return dataclasses.replace(rec, duration=0.0)
+        return rec._replace(duration=0.0)
 
     def _too_many_groups(self) -> None:
         self._ledger.lose(Loss.TOO_MANY_GROUPS)

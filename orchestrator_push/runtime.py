@@ -98,7 +98,9 @@ def get_engine(
         return None
 
 
-def record_task(rec: TaskRecord, *, cumulative: Mapping[str, str] | None = None) -> None:
+def record_task(
+    rec: TaskRecord, *, cumulative: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None
+) -> None:
     """Record a finished task attempt; it is pushed in the background."""
     engine = get_engine()
     if engine is not None:

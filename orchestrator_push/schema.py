@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import bisect
-import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -112,8 +111,8 @@ def clean(rec: TaskRecord | FlowRecord) -> TaskRecord | FlowRecord:
     if flow == rec.flow and (not isinstance(rec, TaskRecord) or task == rec.task):
         return rec
     if isinstance(rec, TaskRecord):
-        return dataclasses.replace(rec, flow=flow, task=task)
-    return dataclasses.replace(rec, flow=flow)
+        return rec._replace(flow=flow, task=task)
+    return rec._replace(flow=flow)
 
 
 def task_group(job: str, rec: TaskRecord, static: Mapping[str, str]) -> GroupKey:
