@@ -85,7 +85,9 @@ class Engine:
         self._sender = Sender(c, self._table, self._lock, self._ledger, self._keep, self._replay)
         self._started = False
         self._synchronous = False  # no thread could be started: deliver on the caller's
-        self._exiting = False  # the exit flush ran: no more replays, deliver at once
+        self._exiting = False  # the interpreter is exiting: no more replays, deliver at once
+        self._holding_replays = 0  # exit flushes in progress: they start no replay
+        self._replaying = False
         self._next_replay = 0.0
         self._replay_requested = False
         self._replays = 0  # replay passes done (flush() waits for one)
@@ -211,11 +213,7 @@ class Engine:
         """Start the sender now rather than at the first record, so the spool of
         earlier processes is replayed while this one works (``exec`` does)."""
         if self.config.enabled and not self._closed:
-            self._replay_requested = True
             self._start()
-            if self._synchronous:
-                self._flush(self.config.flush_timeout, False)
-            self._sender.wake()
 
     # -- flush and shutdown ------------------------------------------------------
 
@@ -367,17 +365,24 @@ class Engine:
     def flush_at_exit(self) -> bool:
         """The process is about to exit: deliver its own records, bounded by the
         flush timeout; no spool replay is started (other processes' files must
-        not delay this exit).
+        not delay this exit), one already running is let finish within it.
 
         Called by a framework's shutdown hook and then by ``atexit``. When a
         previous call failed and nothing was recorded since, it returns at once,
         so a gateway that is down delays the exit by one timeout, not several.
         """
-        self._exiting = True
         pending = self.pending()
         if self._exit_failed_pending is not None and pending <= self._exit_failed_pending:
             return False
-        ok = self._flush(self.config.flush_timeout, False)
+        deadline = time.monotonic() + self.config.flush_timeout
+        with self._sender.settled_cv:
+            self._holding_replays += 1
+        try:
+            ok = self._flush(self.config.flush_timeout, False)
+            self._wait_for_replay(deadline)
+        finally:
+            with self._sender.settled_cv:
+                self._holding_replays -= 1
         if ok:
             self._exit_failed_pending = None
         else:
@@ -390,8 +395,19 @@ class Engine:
             )
         return ok
 
+    def _wait_for_replay(self, deadline: float) -> None:
+        """A replay pass already running is let finish (claimed files cut off
+        half-way would be replayed again by someone else), within the deadline."""
+        cv = self._sender.settled_cv
+        with cv:
+            while self._replaying and self._sender.alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not cv.wait(remaining):
+                    return
+
     def _at_exit(self) -> None:
         if not self._closed and self._pid == os.getpid():
+            self._exiting = True
             self.flush_at_exit()
 
     def pending(self) -> int:
@@ -414,10 +430,17 @@ class Engine:
         if self._replayer is None or self._exiting or self._credentials_refused:
             return
         now = time.monotonic()
-        if not (self._replay_requested or now >= self._next_replay):
-            return
-        self._replay_requested = False
-        result = self._replayer.run_pass(transport)
+        with self._sender.settled_cv:
+            if self._holding_replays or not (self._replay_requested or now >= self._next_replay):
+                return
+            self._replay_requested = False
+            self._replaying = True
+        try:
+            result = self._replayer.run_pass(transport)
+        finally:
+            with self._sender.settled_cv:
+                self._replaying = False
+                self._sender.settled_cv.notify_all()
         self._next_replay = now + (1.0 if result.more else REPLAY_EVERY)
         if result.files and not result.failed:
             self._sender.wake()  # absorbed states are pushed at once

@@ -109,6 +109,9 @@ class Sender:
     def _run(self, make_transport: Callable[[Config], Transport]) -> None:
         transport = make_transport(self._config)
         try:
+            with self._cycle_lock:  # at start: the spool of earlier processes, meanwhile
+                if not self.stopping:
+                    self._after_cycle(transport)
             while not self.stopping:
                 self._wake.wait(self._next_wait())
                 self._wake.clear()

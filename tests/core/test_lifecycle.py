@@ -57,19 +57,24 @@ def test_a_record_made_during_shutdown_with_the_gateway_down_is_not_called_deliv
 EXIT_WITH_A_FULL_SPOOL = textwrap.dedent("""
     import json, sys
     import orchestrator_push as op
+    from orchestrator_push.records import TaskRecord
+    from orchestrator_push.spool import Entry, Spool
     e = op.Engine(op.load_config({}, url=sys.argv[1], spool_dir=sys.argv[2]))
+    e.record_task(op.TaskRecord("exec", "own", "first", "success", 4.0, 1.0))
+    assert e.flush_at_exit()  # (Airflow 2's dag.test() calls this after every task)
+    # other processes spool meanwhile; the periodic replay is not due for 30 s
+    spool = Spool(sys.argv[2], 10**9)
+    for i in range(30):
+        spool.write([Entry("task", (("job", "exec"), ("flow", "other"), ("task", f"t{i}")),
+                           "orchestrator", TaskRecord("exec", "other", f"t{i}", "success",
+                                                      100.0 + i, 1.0), 100.0 + i, None, 1)])
     e.record_task(op.TaskRecord("exec", "own", "mine", "success", 5.0, 1.0))
     print(json.dumps({"ok": e.flush_at_exit(), "replayed": e.stats().replayed}), flush=True)
 """)
 
 
-def test_the_exit_flush_delivers_its_own_records_and_replays_nothing(
+def test_the_exit_flush_delivers_its_own_records_and_starts_no_replay(
         pushgateway: Pushgateway, tmp_path: object) -> None:
-    spool = Spool(str(tmp_path), 10**9)
-    for i in range(30):
-        spool.write([Entry("task", (("job", "exec"), ("flow", "other"), ("task", f"t{i}")), NS,
-                           TaskRecord("exec", "other", f"t{i}", "success", 100.0 + i, 1.0),
-                           100.0 + i, None, 1)])
     p = subprocess.run([sys.executable, "-c", EXIT_WITH_A_FULL_SPOOL, pushgateway.url,
                         str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert json.loads(p.stdout) == {"ok": True, "replayed": 0}, p.stderr
@@ -77,3 +82,21 @@ def test_the_exit_flush_delivers_its_own_records_and_replays_nothing(
         f"{NS}_task_last_completion_timestamp_seconds") == 5.0
     assert not [g for g in pushgateway.groups() if g.labels.get("flow") == "other"]
     assert len([n for n in os.listdir(str(tmp_path)) if n.endswith(".spool")]) == 30
+
+
+def test_a_short_lived_process_replays_earlier_spool_while_it_works(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    spool = Spool(str(tmp_path), 10**9)
+    spool.write([Entry("task", (("job", "exec"), ("flow", "earlier"), ("task", "t")), NS,
+                       TaskRecord("exec", "earlier", "t", "success", 100.0, 1.0), 100.0, None, 1)])
+    script = textwrap.dedent("""
+        import sys
+        import orchestrator_push as op
+        op.configure(url=sys.argv[1], spool_dir=sys.argv[2])
+        op.record_task(op.TaskRecord("exec", "now", "t", "success", 200.0, 1.0))
+    """)  # exits at once: the pass begun at the sender's start is let finish
+    subprocess.run([sys.executable, "-c", script, pushgateway.url, str(tmp_path)], check=True,
+                   timeout=60)
+    assert pushgateway.group(job="exec", flow="earlier", task="t").value(
+        f"{NS}_task_last_completion_timestamp_seconds") == 100.0
+    assert os.listdir(str(tmp_path)) == []
