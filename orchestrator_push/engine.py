@@ -115,45 +115,43 @@ class Engine:
         (name, value) pairs, which costs less), also count it in the counters
         group whose extra grouping labels are ``cumulative``."""
         try:
-            if not self.config.enabled or self._closed:
+            admitted = self._admit(rec)
+            if admitted is None:
                 return
-            if self._pid != os.getpid():  # a fork that bypassed os.fork's hooks
-                self._after_fork()
-            d, e = rec.duration, rec.end_time
-            if not (0.0 <= d < _INF) or e - e != 0.0:
-                cleaned = self._clean(rec)
-                if cleaned is None:
-                    return
-                rec = cleaned
             if cumulative is None or isinstance(cumulative, tuple):
                 counters = cumulative
             else:
                 counters = tuple(cumulative.items())
             with self._lock:
-                ok = self._table.fold_task(rec, counters)
+                ok = self._table.fold_task(admitted, counters)
                 self._ledger.recorded()
             self._after_record(ok)
         except Exception:  # nothing may reach the user's task
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
 
     def record_flow(self, rec: FlowRecord) -> None:
+        """Record a finished flow run."""
         try:
-            if not self.config.enabled or self._closed:
+            admitted = self._admit(rec)
+            if admitted is None:
                 return
-            if self._pid != os.getpid():
-                self._after_fork()
-            d, e = rec.duration, rec.end_time
-            if not (0.0 <= d < _INF) or e - e != 0.0:
-                cleaned = self._clean(rec)
-                if cleaned is None:
-                    return
-                rec = cleaned
             with self._lock:
-                ok = self._table.fold_flow(rec)
+                ok = self._table.fold_flow(admitted)
                 self._ledger.recorded()
             self._after_record(ok)
         except Exception:
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
+
+    def _admit(self, rec: _R) -> _R | None:
+        """The record to fold (cleaned if need be), or None: disabled, closed, refused."""
+        if not self.config.enabled or self._closed:
+            return None
+        if self._pid != os.getpid():  # a fork that bypassed os.fork's hooks
+            self._after_fork()
+        d, e = rec.duration, rec.end_time
+        if not (0.0 <= d < _INF) or e - e != 0.0:
+            return self._clean(rec)
+        return rec
 
     def _after_record(self, ok: bool) -> None:
         if not ok:
