@@ -49,3 +49,12 @@ def sleep(seconds: float) -> float:
 @app.task(name="shop.hard_limit", time_limit=1)
 def hard_limit() -> None:
     time.sleep(30)
+
+
+#: A name whose record cannot go through the pool's pipe in one atomic write.
+TOO_LONG = "shop." + "x" * 5000
+
+
+@app.task(name=TOO_LONG)
+def too_long() -> None:
+    return None

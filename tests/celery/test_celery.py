@@ -150,3 +150,23 @@ def test_app_conf_settings(pushgateway: Pushgateway, app, start_worker) -> None:
     assert worker.stop() == 0
     g = pushgateway.group(job="shop-workers", flow="shop", task="shop.ok", env="test")
     assert g.value(f"{NS}_task_last_status", status="success") == 1
+
+
+def test_a_record_a_pool_child_cannot_hand_over_is_counted_by_the_node(
+        pushgateway: Pushgateway, app, start_worker) -> None:
+    worker = start_worker(pushgateway.url, "--pool", "prefork", "-c", "1")
+    # one child, so its pipe carries, in order: ok, the count of what it dropped, ok
+    wait_results([app.too_long.delay()])
+    wait_results([app.ok.delay(1)])
+    wait_results([app.ok.delay(2)])
+
+    def dropped() -> float | None:
+        try:
+            g = pushgateway.group(job="celery", flow="shop", task="shop.ok")
+            return g.value(f"{NS}_push_records_dropped_total", reason="relay_too_large")
+        except KeyError:
+            return None
+
+    wait_until(lambda: dropped() == 1, 30, what="the child's loss in the node's self-metrics")
+    assert worker.stop() == 0
+    assert pushgateway.runs_by_status() == {"success": 2.0}
