@@ -64,10 +64,6 @@ _node: str | None = None
 _counters: dict[str, tuple[tuple[str, str], ...]] = {}  # instance -> its counters group
 
 
-def _hostname() -> str:
-    return socket.gethostname()
-
-
 def instrument(app: Celery | None = None) -> None:
     """Report every task of ``app`` (default: the current app). Idempotent.
 
@@ -148,7 +144,7 @@ def _emit(rec: TaskRecord, node: str | None, once: str | None = None) -> None:
     child's ``task_postrun`` without a state, the parent's ``task_failure``
     after a hard time limit); only the first report counts.
     """
-    instance = node or _node or _hostname()
+    instance = node or _node or socket.gethostname()
     cumulative = _counters.get(instance)
     if cumulative is None:
         cumulative = _counters[instance] = (("instance", instance),)

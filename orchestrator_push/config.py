@@ -274,16 +274,10 @@ def load_config(
     env = os.environ if environ is None else environ
     raw: dict[str, object] = {}
     origin: dict[str, str] = {}
-    for name, source in (
-        *((n, "fallback") for n in (fallback or {})),
-        *((n, "env") for n in env),
-    ):
-        if not name.startswith(PREFIX):
-            continue
-        value: object = (fallback or {})[name] if source == "fallback" else env[name]
-        if value is None or str(value).strip() == "":
-            continue
-        raw[name[len(PREFIX) :]], origin[name[len(PREFIX) :]] = value, source
+    for source, values in (("fallback", fallback or {}), ("env", env)):  # env wins
+        for name, value in values.items():
+            if name.startswith(PREFIX) and value is not None and str(value).strip() != "":
+                raw[name[len(PREFIX) :]], origin[name[len(PREFIX) :]] = value, source
     for key, given in overrides.items():
         name = key.upper()
         if name not in _SETTINGS or key != key.lower():
@@ -298,17 +292,17 @@ def load_config(
 
     kw: dict[str, object] = {}
     # the URL first (its user:password), the _FILE variables last (they win)
-    for name, value in sorted(raw.items(), key=lambda kv: (kv[0] != "URL", kv[0] in _TARGET)):
+    for name, setting in sorted(raw.items(), key=lambda kv: (kv[0] != "URL", kv[0] in _TARGET)):
         var = PREFIX + name
         try:
             if name == "URL":
-                kw["url"], user, pw = _url(var, value)
+                kw["url"], user, pw = _url(var, setting)
                 if user is not None:
                     kw["username"] = user
                 if pw is not None:
                     kw["password"] = pw
             elif name in _PARSERS:
-                kw[_FIELDS[_TARGET.get(name, name)]] = _PARSERS[name](var, value)
+                kw[_FIELDS[_TARGET.get(name, name)]] = _PARSERS[name](var, setting)
         except ConfigError as exc:
             if origin[name] == "fallback" and fallback_source:
                 where = fallback_source.format(name=name.lower(), NAME=name)
@@ -322,12 +316,8 @@ def load_config(
 
 def _check(c: Config) -> None:
     """Rules every Config obeys, however it was built."""
-    if not isinstance(c.url, str):
-        raise ConfigError(PREFIX + "URL", "expected a string")
-    parts = urlsplit(c.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(PREFIX + "URL", "expected http://host:port or https://host:port")
-    if parts.username is not None or parts.password is not None:
+    _clean_url, url_user, url_password = _url(PREFIX + "URL", c.url)
+    if url_user is not None or url_password is not None:
         raise ConfigError(
             PREFIX + "URL",
             "credentials in the URL: build the configuration with load_config() or "

@@ -13,7 +13,7 @@ folded in while that push was in flight stays pending.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from prometheus_client.metrics_core import Metric
@@ -48,7 +48,6 @@ class Group:
         "pending",
         "seq",
         "success_at",
-        "touched",
     )
 
     def __init__(self, kind: GroupKind, key: GroupKey, framework: str) -> None:
@@ -68,9 +67,8 @@ class Group:
         self.newest_failure = _NEVER
         self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
         self.pending = 0  # records folded in and not yet committed
-        self.seq = 0  # sequence number of the last fold
+        self.seq = 0  # sequence number of the last fold (also the eviction order)
         self.first_pending = 0  # a lower bound of the oldest uncommitted fold's number
-        self.touched = 0  # sequence number of the last use (eviction order)
 
     def __repr__(self) -> str:
         return f"<Group {self.path} pending={self.pending}>"
@@ -117,10 +115,19 @@ class Group:
 
     def entry(self, ns: str) -> Entry:
         """The spool's copy of what is pending here."""
-        last = schema.clean(self.last) if self.last is not None else None
-        return Entry(
-            self.kind.value, self.key, ns, last, self.success_at, self.failure_at, self.pending
-        )
+        return _entry(self, ns, self.last, self.success_at, self.failure_at, self.pending)
+
+
+def _entry(
+    g: Group,
+    ns: str,
+    last: Record | None,
+    success_at: float | None,
+    failure_at: float | None,
+    records: int,
+) -> Entry:
+    clean = schema.clean(last) if last is not None else None
+    return Entry(g.kind.value, g.key, ns, clean, success_at, failure_at, records)
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,7 @@ class Snapshot:
 
     def entry(self, ns: str) -> Entry:
         """The spool's copy of what this snapshot carries."""
-        g = self.group
-        last = schema.clean(self.last) if self.last is not None else None
-        return Entry(g.kind.value, g.key, ns, last, self.success_at, self.failure_at, self.pending)
+        return _entry(self.group, ns, self.last, self.success_at, self.failure_at, self.pending)
 
 
 class Table:
@@ -198,7 +203,7 @@ class Table:
 
     def _touch(self, g: Group) -> None:
         self.seq += 1
-        g.seq = g.touched = self.seq
+        g.seq = self.seq
         if not g.pending:
             g.first_pending = self.seq
             self._dirty[g] = None
@@ -238,7 +243,7 @@ class Table:
         ]
         if not settled:
             return False
-        settled.sort(key=lambda g: g.touched)
+        settled.sort(key=lambda g: g.seq)
         for g in settled[: max(1, self.max_groups // 10)]:
             del self._groups[g.key]
             for alias in g.aliases:
@@ -290,9 +295,6 @@ class Table:
         self.seq += 1
         g.seq = self.seq
         return True
-
-    def groups(self) -> Iterator[Group]:
-        return iter(list(self._groups.values()))
 
     def __len__(self) -> int:
         return len(self._groups)

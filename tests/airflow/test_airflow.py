@@ -118,15 +118,18 @@ def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str]) -> 
         gw.stop()
 
 
+def run_with_logging(env: dict[str, str], code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter with Airflow's settings, our log on stdout."""
+    script = ("import logging, sys\nlogging.basicConfig(stream=sys.stdout)\n"
+              "from orchestrator_push import airflow, runtime\n" + code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
 def test_an_invalid_airflow_setting_names_where_it_was_set(airflow_env: dict[str, str]) -> None:
-    script = (
-        "import logging, sys\n"
-        "logging.basicConfig(stream=sys.stdout)\n"
-        "from orchestrator_push import airflow, runtime\n"
-        "print('engine', runtime.get_engine(airflow._airflow_settings, airflow.AIRFLOW_SOURCE))\n"
-    )
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={**airflow_env, "AIRFLOW__ORCHESTRATOR_PUSH__INTERVAL": "soon"})
+    p = run_with_logging(
+        {**airflow_env, "AIRFLOW__ORCHESTRATOR_PUSH__INTERVAL": "soon"},
+        "print('engine', runtime.get_engine(airflow._airflow_settings, airflow.AIRFLOW_SOURCE))\n")
     assert "engine None" in p.stdout, p.stdout + p.stderr
     assert "ORCHESTRATOR_PUSH_INTERVAL" in p.stdout
     assert "AIRFLOW__ORCHESTRATOR_PUSH__INTERVAL" in p.stdout
@@ -139,13 +142,7 @@ def test_an_unreadable_airflow_cfg_section_is_logged(airflow_env: dict[str, str]
     with open(os.path.join(home, "airflow.cfg"), "w") as f:
         # a %-interpolation that configparser cannot resolve
         f.write(cfg + "\n[orchestrator_push]\nurl = http://gw:9091/%(missing)s\n")
-    script = (
-        "import logging, sys\n"
-        "logging.basicConfig(stream=sys.stdout)\n"
-        "from orchestrator_push import airflow\n"
-        "print(airflow._airflow_settings())\n"
-    )
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                       env={**airflow_env, "AIRFLOW_HOME": home})
+    p = run_with_logging({**airflow_env, "AIRFLOW_HOME": home},
+                         "print(airflow._airflow_settings())\n")
     assert "cannot read the [orchestrator_push] section of airflow.cfg" in p.stdout, (
         p.stdout + p.stderr)
