@@ -25,10 +25,10 @@ from .ledger import Ledger, Loss, Stats
 from .logs import log, warn_limited
 from .records import FlowRecord, TaskRecord
 from .replayer import Replayer
-from .schema import GroupKey, GroupKind
+from .schema import GroupKey, GroupKind, Running
 from .sender import Sender
 from .spool import Entry, Spool, SpoolFull
-from .table import Snapshot, Table
+from .table import Node, Snapshot, Table
 from .transport import HttpTransport, Transport
 
 #: How often a sender that reaches the gateway looks at the spool.
@@ -141,6 +141,43 @@ class Engine:
             self._after_record(ok)
         except Exception:
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
+
+    def register_node(
+        self,
+        counters: Mapping[str, str] | tuple[tuple[str, str], ...],
+        framework: str,
+        role: str,
+        running: Callable[[], Running] | None = None,
+    ) -> None:
+        """This long-lived process pushes, with its counters group ``counters``,
+        ``worker_up`` 1 and ``worker_last_seen_timestamp_seconds`` every push
+        interval until :meth:`node_down`; with ``running``, also what it says is
+        in progress (called on the sender's thread at each push; it must not
+        block). Never raises."""
+        try:
+            if not self.config.enabled or self._closed:
+                return
+            key = counters if isinstance(counters, tuple) else tuple(counters.items())
+            with self._lock:
+                ok = self._table.node(framework, key, Node(role, running), time.time())
+            self._after_record(ok)
+        except Exception:
+            warn_limited(
+                "node", "orchestrator_push: could not register the node", level=logging.ERROR
+            )
+
+    def node_down(
+        self, counters: Mapping[str, str] | tuple[tuple[str, str], ...], framework: str
+    ) -> None:
+        """A clean shutdown: the node's next push says ``worker_up`` 0 (flush to send it)."""
+        try:
+            key = counters if isinstance(counters, tuple) else tuple(counters.items())
+            with self._lock:
+                self._table.node_down(framework, key, time.time())
+        except Exception:
+            warn_limited(
+                "node", "orchestrator_push: could not mark the node down", level=logging.ERROR
+            )
 
     def _admit(self, rec: _R) -> _R | None:
         """The record to fold (cleaned if need be), or None: disabled, closed, refused."""

@@ -39,7 +39,9 @@ class TaskRecord(NamedTuple):
     with a monotonic clock where the framework allows). ``attempt`` starts at 1.
     ``run_id`` identifies the run across its attempts (a Celery task id): for
     two attempts of one run the higher attempt is the later outcome, even when
-    the framework reports the earlier attempt last.
+    the framework reports the earlier attempt last. ``queued`` is how long the
+    attempt waited between being ready to run and starting, where the framework
+    says (seconds; None when unknown).
     """
 
     framework: str
@@ -51,6 +53,7 @@ class TaskRecord(NamedTuple):
     attempt: int = 1
     exit_code: int | None = None
     run_id: str | None = None
+    queued: float | None = None
 
 
 class FlowRecord(NamedTuple):

@@ -61,6 +61,8 @@ DURATION_BUCKETS: tuple[float, ...] = (
     float("inf"),
 )
 
+_INF = float("inf")
+
 _HELP = {
     "task_last_duration_seconds": "Duration of the last finished attempt of the task.",
     "task_last_completion_timestamp_seconds": "Unix time the last attempt of the task finished.",
@@ -80,6 +82,14 @@ _HELP = {
     "push_records_replayed": "Spooled records this process delivered (its total so far).",
     "push_failures": "Failed pushes of this process, by reason (its total so far).",
     "task_duration_seconds": "Duration of finished task attempts, by outcome.",
+    "task_last_queued_duration_seconds": "Time the last finished attempt waited to start.",
+    "task_queued_seconds": "Time finished task attempts waited between being ready and starting.",
+    "worker_up": "1 while the worker process runs, 0 once it shut down cleanly.",
+    "worker_last_seen_timestamp_seconds": "Unix time of the worker process's latest push.",
+    "tasks_running": "Task attempts in progress on this worker.",
+    "task_oldest_running_start_timestamp_seconds": (
+        "Unix time the oldest attempt in progress on this worker started."
+    ),
 }
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.~-]+$")
@@ -182,6 +192,9 @@ def last_run_families(
             fams.append(_gauge(ns, "task_last_attempt", last.attempt, framework))
             if last.exit_code is not None:
                 fams.append(_gauge(ns, "task_last_exit_code", last.exit_code, framework))
+            q = last.queued
+            if q is not None and 0.0 <= q < _INF:
+                fams.append(_gauge(ns, "task_last_queued_duration_seconds", q, framework))
     if success_at is not None:
         fams.append(_gauge(ns, f"{kind}_last_success_timestamp_seconds", success_at, framework))
     if failure_at is not None:
@@ -215,10 +228,22 @@ CumulativeKey = tuple[str, str, str, str]  # framework, flow, task, status
 
 @dataclass
 class _Series:
-    labels: list[str]  # framework, flow, task, status as sent (names cleaned)
+    labels: list[str]  # framework, flow, task(, status) as sent (names cleaned)
     count: int = 0
     total: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, n in zip(DURATION_BUCKETS, self.buckets, strict=True):
+            acc += n
+            out.append((_le(bound), float(acc)))
+        return out
 
 
 @dataclass
@@ -229,6 +254,9 @@ class Cumulative:
     #: spellings that clean to one label value share one series.
     series: dict[CumulativeKey, _Series] = field(default_factory=dict)
     _sent: dict[tuple[str, ...], _Series] = field(default_factory=dict)
+    #: queue waits by (framework, flow, task), the record's names and as sent
+    queued: dict[tuple[str, str, str], _Series] = field(default_factory=dict)
+    _queued_sent: dict[tuple[str, ...], _Series] = field(default_factory=dict)
 
     def add(self, rec: TaskRecord) -> None:
         """Count one attempt; its duration must be finite and not negative."""
@@ -236,13 +264,16 @@ class Cumulative:
         s = self.series.get(key)
         if s is None:
             labels = [rec.framework, clean_value(rec.flow), clean_value(rec.task), rec.status]
-            s = self._sent.get(tuple(labels))
-            if s is None:
-                s = self._sent[tuple(labels)] = _Series(labels)
-            self.series[key] = s
-        s.count += 1
-        s.total += rec.duration
-        s.buckets[bisect.bisect_left(DURATION_BUCKETS, rec.duration)] += 1
+            s = self.series[key] = _shared(self._sent, labels)
+        s.observe(rec.duration)
+        q = rec.queued
+        if q is not None and 0.0 <= q < _INF:
+            qkey = (rec.framework, rec.flow, rec.task)
+            qs = self.queued.get(qkey)
+            if qs is None:
+                labels = [rec.framework, clean_value(rec.flow), clean_value(rec.task)]
+                qs = self.queued[qkey] = _shared(self._queued_sent, labels)
+            qs.observe(q)
 
     def families(self, ns: str) -> list[Metric]:
         labels = ["framework", "flow", "task", "status"]
@@ -252,12 +283,71 @@ class Cumulative:
         )
         for s in sorted(self._sent.values(), key=lambda s: s.labels):
             runs.add_metric(s.labels, s.count)
-            cumulative, acc = [], 0
-            for bound, n in zip(DURATION_BUCKETS, s.buckets, strict=True):
-                acc += n
-                cumulative.append((_le(bound), acc))
-            hist.add_metric(s.labels, cumulative, s.total)
-        return [runs, hist]
+            hist.add_metric(s.labels, s.cumulative(), s.total)
+        fams: list[Metric] = [runs, hist]
+        if self._queued_sent:
+            queued = HistogramMetricFamily(
+                f"{ns}_task_queued_seconds", _HELP["task_queued_seconds"], labels=labels[:3]
+            )
+            for s in sorted(self._queued_sent.values(), key=lambda s: s.labels):
+                queued.add_metric(s.labels, s.cumulative(), s.total)
+            fams.append(queued)
+        return fams
+
+
+def _shared(sent: dict[tuple[str, ...], _Series], labels: list[str]) -> _Series:
+    """The series sent with these labels: two spellings that clean to one value share it."""
+    s = sent.get(tuple(labels))
+    if s is None:
+        s = sent[tuple(labels)] = _Series(labels)
+    return s
+
+
+#: (flow, task) -> (attempts in progress, unix start time of the oldest)
+Running = Mapping[tuple[str, str], tuple[int, float]]
+
+
+def worker_families(
+    ns: str,
+    framework: str,
+    role: str,
+    *,
+    up: bool,
+    last_seen: float,
+    running: Running | None,
+    known: Iterable[tuple[str, str]] = (),
+) -> list[Metric]:
+    """A long-lived process's liveness and, where it says, its attempts in
+    progress; ``known`` tasks with none in progress are sent as 0."""
+    labels = ["framework", "role"]
+    up_f = GaugeMetricFamily(f"{ns}_worker_up", _HELP["worker_up"], labels=labels)
+    up_f.add_metric([framework, role], 1.0 if up else 0.0)
+    seen_f = GaugeMetricFamily(
+        f"{ns}_worker_last_seen_timestamp_seconds",
+        _HELP["worker_last_seen_timestamp_seconds"],
+        labels=labels,
+    )
+    seen_f.add_metric([framework, role], last_seen)
+    fams: list[Metric] = [up_f, seen_f]
+    if running is None:
+        return fams
+    task_labels = ["framework", "flow", "task"]
+    count_f = GaugeMetricFamily(f"{ns}_tasks_running", _HELP["tasks_running"], labels=task_labels)
+    oldest_f = GaugeMetricFamily(
+        f"{ns}_task_oldest_running_start_timestamp_seconds",
+        _HELP["task_oldest_running_start_timestamp_seconds"],
+        labels=task_labels,
+    )
+    names = {(clean_value(f), clean_value(t)): (0, _INF) for f, t in known}
+    for (flow, task), (n, oldest) in running.items():
+        key = (clean_value(flow), clean_value(task))
+        had, first = names.get(key, (0, _INF))
+        names[key] = (had + n, min(first, oldest))
+    for (flow, task), (n, oldest) in sorted(names.items()):
+        count_f.add_metric([framework, flow, task], float(n))
+        if n and oldest < _INF:
+            oldest_f.add_metric([framework, flow, task], oldest)
+    return [*fams, count_f, oldest_f]
 
 
 def _le(bound: float) -> str:

@@ -23,6 +23,7 @@ from . import schema
 from .config import Config
 from .ledger import Ledger, Loss, Stats
 from .logs import warn_limited
+from .schema import GroupKind
 from .table import Group, Snapshot, Table
 from .transport import Outcome, Transport
 
@@ -91,6 +92,7 @@ class Sender:
         self.flushing = 0
         self.stopping = False
         self.thread: threading.Thread | None = None
+        self._next_beat = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -152,6 +154,9 @@ class Sender:
         ns = self._config.namespace
         now = time.monotonic()
         with self._lock:
+            if now >= self._next_beat:  # long-lived processes say they are alive
+                self._next_beat = now + self._config.interval
+                self._table.beat(time.time())
             due = [g for g in self._table.dirty() if self._due(g, now)]
             snaps = [self._table.snapshot(g, ns) for g in due]
         for g in [g for g in self._retry_at if not g.pending]:  # spooled meanwhile
@@ -165,7 +170,10 @@ class Sender:
                 own[fw] = self_families(ns, fw, stats)
             body = schema.encode(snap.families + own[fw])
             self._last_try[snap.group] = time.monotonic()
-            self._settle(snap, transport.request("POST", snap.group.path, body))
+            # A counters group carries its whole state, so PUT also removes series
+            # that ended (the oldest start of a task no longer in progress).
+            method = "PUT" if snap.group.kind is GroupKind.COUNTERS else "POST"
+            self._settle(snap, transport.request(method, snap.group.path, body))
 
     def _due(self, g: Group, now: float) -> bool:
         backoff = self._retry_at.get(g)

@@ -67,6 +67,8 @@ def _record_to_json(rec: TaskRecord | FlowRecord | None) -> dict[str, Any] | Non
     }
     if isinstance(rec, TaskRecord):
         out.update(task=rec.task, attempt=rec.attempt, exit_code=rec.exit_code, run_id=rec.run_id)
+        if rec.queued is not None:
+            out["queued"] = rec.queued
     return out
 
 
@@ -84,6 +86,7 @@ def _record_from_json(d: dict[str, Any] | None) -> TaskRecord | FlowRecord | Non
             int(d.get("attempt", 1)),
             None if d.get("exit_code") is None else int(d["exit_code"]),
             None if d.get("run_id") is None else str(d["run_id"]),
+            None if d.get("queued") is None else float(d["queued"]),
         )
     return FlowRecord(*common, str(d["status"]), float(d["end_time"]), float(d["duration"]))
 

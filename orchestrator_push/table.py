@@ -1,6 +1,7 @@
 """The group table: every record folded into the state of its Pushgateway group.
 
-Pure data: no threads, no I/O, no clock. The engine calls it under one lock
+Pure data: no threads, no I/O, no clock (a node's ``running`` callback is the
+framework's state, read at each push). The engine calls it under one lock
 (recording on the caller's thread, snapshots and commits on the sender's), so
 memory is bounded by the number of groups, never by the number of records.
 
@@ -13,12 +14,13 @@ folded in while that push was in flight stays pending.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 
 from . import schema
+from .logs import warn_limited
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord
 from .schema import GroupKey, GroupKind
 from .spool import Entry
@@ -26,6 +28,51 @@ from .spool import Entry
 Record = TaskRecord | FlowRecord
 
 _NEVER = float("-inf")
+
+#: How many task names a worker's ``tasks_running`` keeps sending as 0 once seen.
+MAX_KNOWN_TASKS = 1000
+
+
+@dataclass
+class Node:
+    """A long-lived process that pushes its liveness in its counters group.
+
+    ``running`` (called at each push, under the engine's lock: it must be a few
+    reads of the framework's own state) says what is in progress.
+    """
+
+    role: str
+    running: Callable[[], schema.Running] | None = None
+    up: bool = True
+    last_seen: float = 0.0
+    known: dict[tuple[str, str], None] = field(default_factory=dict)
+    last_running: schema.Running | None = None
+
+    def sample(self) -> schema.Running | None:
+        """What ``running`` says now; the previous answer if it fails."""
+        if self.running is None:
+            return None
+        try:
+            self.last_running = self.running()
+        except Exception:
+            warn_limited("running", "orchestrator_push: could not read the tasks in progress")
+        return self.last_running
+
+    def families(self, ns: str, framework: str) -> list[Metric]:
+        running = self.sample()
+        if running is not None:
+            for name in running:
+                if name not in self.known and len(self.known) < MAX_KNOWN_TASKS:
+                    self.known[name] = None
+        return schema.worker_families(
+            ns,
+            framework,
+            self.role,
+            up=self.up,
+            last_seen=self.last_seen,
+            running=running,
+            known=self.known,
+        )
 
 
 class Group:
@@ -44,6 +91,7 @@ class Group:
         "newest_failure",
         "newest_run",
         "newest_success",
+        "node",
         "path",
         "pending",
         "seq",
@@ -66,6 +114,7 @@ class Group:
         self.newest_success = _NEVER
         self.newest_failure = _NEVER
         self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
+        self.node: Node | None = None  # counters groups of long-lived processes
         self.pending = 0  # records folded in and not yet committed
         self.seq = 0  # sequence number of the last fold (also the eviction order)
         self.first_pending = 0  # a lower bound of the oldest uncommitted fold's number
@@ -108,7 +157,10 @@ class Group:
 
     def families(self, ns: str) -> list[Metric]:
         if self.counts is not None:
-            return self.counts.families(ns)
+            fams = self.counts.families(ns)
+            if self.node is not None:
+                fams += self.node.families(ns, self.framework)
+            return fams
         return schema.last_run_families(
             ns, self.kind.value, self.framework, self.last, self.success_at, self.failure_at
         )
@@ -163,6 +215,7 @@ class Table:
         self._groups: dict[GroupKey, Group] = {}
         self._index: dict[tuple[object, ...], Group] = {}
         self._dirty: dict[Group, None] = {}  # insertion-ordered set
+        self._nodes: list[Group] = []  # counters groups with a node (never evicted)
         self.seq = 0
 
     # -- folding (the caller's thread) ----------------------------------------------
@@ -180,9 +233,9 @@ class Table:
             g.fold(rec)
             self._touch(g)
         if counters is not None:
-            cg = self._index.get((rec.framework, counters))
-            if cg is None:
-                cg = self._lookup(GroupKind.COUNTERS, rec, counters)
+            cg = self._index.get((rec.framework, counters)) or self._counters(
+                rec.framework, counters
+            )
             if cg is None:
                 ok = False
             else:
@@ -202,35 +255,75 @@ class Table:
         return True
 
     def _touch(self, g: Group) -> None:
-        self.seq += 1
-        g.seq = self.seq
-        if not g.pending:
-            g.first_pending = self.seq
-            self._dirty[g] = None
+        self._mark(g)
         g.pending += 1
 
-    def _lookup(
-        self, kind: GroupKind, rec: Record, counters: tuple[tuple[str, str], ...] = ()
-    ) -> Group | None:
+    def _mark(self, g: Group) -> None:
+        """Due for a push (a record, or a worker's liveness)."""
+        self.seq += 1
+        g.seq = self.seq
+        if g not in self._dirty:
+            g.first_pending = self.seq
+            self._dirty[g] = None
+
+    # -- long-lived processes' liveness ---------------------------------------------
+
+    def node(
+        self, framework: str, counters: tuple[tuple[str, str], ...], node: Node, now: float
+    ) -> bool:
+        """Attach ``node`` to its counters group (created if need be) and mark it
+        due. False when the group cap refused it."""
+        g = self._counters(framework, counters)
+        if g is None:
+            return False
+        node.last_seen = now
+        if g.node is None:
+            self._nodes.append(g)
+        g.node = node
+        self._mark(g)
+        return True
+
+    def node_down(self, framework: str, counters: tuple[tuple[str, str], ...], now: float) -> None:
+        g = self._index.get((framework, counters))
+        if g is not None and g.node is not None and g.node.up:
+            g.node.up = False
+            g.node.last_seen = now
+            self._mark(g)
+
+    def beat(self, now: float) -> None:
+        """Every running node is seen now: push its liveness."""
+        for g in self._nodes:
+            if g.node is not None and g.node.up:
+                g.node.last_seen = now
+                self._mark(g)
+
+    def _lookup(self, kind: GroupKind, rec: Record) -> Group | None:
         """The group for a record whose names are not in the index yet (a new
         group, one evicted earlier, or names that clean to an existing group's)."""
         job = self._job if self._job is not None else rec.framework
-        alias: tuple[object, ...]
-        if kind is GroupKind.COUNTERS:
-            key: GroupKey = (("job", job), *sorted(counters), *self._static)
-            alias = (rec.framework, counters)
-        elif isinstance(rec, TaskRecord):
+        if isinstance(rec, TaskRecord):
             clean = schema.clean_value(rec.flow), schema.clean_value(rec.task)
-            key = (("job", job), ("flow", clean[0]), ("task", clean[1]), *self._static)
-            alias = (rec.framework, rec.flow, rec.task)
-        else:
-            key = (("job", job), ("flow", schema.clean_value(rec.flow)), *self._static)
-            alias = (rec.framework, rec.flow)
+            key: GroupKey = (("job", job), ("flow", clean[0]), ("task", clean[1]), *self._static)
+            return self._group(kind, key, rec.framework, (rec.framework, rec.flow, rec.task))
+        key = (("job", job), ("flow", schema.clean_value(rec.flow)), *self._static)
+        return self._group(kind, key, rec.framework, (rec.framework, rec.flow))
+
+    def _counters(self, framework: str, counters: tuple[tuple[str, str], ...]) -> Group | None:
+        g = self._index.get((framework, counters))
+        if g is not None:
+            return g
+        job = self._job if self._job is not None else framework
+        key: GroupKey = (("job", job), *sorted(counters), *self._static)
+        return self._group(GroupKind.COUNTERS, key, framework, (framework, counters))
+
+    def _group(
+        self, kind: GroupKind, key: GroupKey, framework: str, alias: tuple[object, ...]
+    ) -> Group | None:
         g = self._groups.get(key)
         if g is None:
             if len(self._groups) >= self.max_groups and not self._evict():
                 return None
-            g = self._groups[key] = Group(kind, key, rec.framework)
+            g = self._groups[key] = Group(kind, key, framework)
         g.aliases.append(alias)
         self._index[alias] = g
         return g
@@ -269,7 +362,8 @@ class Table:
         if g.failure_at == snap.failure_at:
             g.failure_at = None
         g.pending = max(g.pending - snap.pending, 0)
-        if g.seq == snap.seq or not g.pending:
+        # A node's liveness marked during the push (its shutdown, say) is still due.
+        if g.seq == snap.seq or (not g.pending and g.node is None):
             g.pending = 0
             self._dirty.pop(g, None)
         else:
