@@ -17,26 +17,32 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from celery import Celery, signals
 
-from . import runtime
+from . import celery_request, runtime
 from .config import PREFIX, ConfigError
 from .ledger import Loss
-from .logs import never_raises
+from .logs import log, never_raises
 from .records import FAILED, RETRY, REVOKED, SUCCESS, TaskRecord
 from .relay import Relay
 
 FRAMEWORK = "celery"
+ROLE = "celery-worker"
+#: The message header an instrumented publisher stamps with the unix time it
+#: published, for the worker's queue wait.
+PUBLISHED = "orchestrator_push_published"
 
 #: Celery state (``task_postrun``'s ``state``) -> our status. ``None`` comes
 #: after an internal error; IGNORED means the task chose not to record a state
-#: but ran to the end.
+#: but ran to the end. REJECTED with ``requeue=True`` is a retry (see
+#: ``_status``).
 _STATUS = {
     "SUCCESS": SUCCESS,
     "FAILURE": FAILED,
@@ -57,10 +63,10 @@ def _new_lock_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 _apps: dict[int, Celery] = {}
-_starts: dict[str, float] = {}  # task id -> monotonic time at prerun
-_reported_failures: OrderedDict[str, None] = OrderedDict()  # task ids, see _emit
+_starts: dict[str, tuple[float, float | None]] = {}  # task id -> (monotonic start, queue wait)
 _relay: Relay | None = None
-_node: str | None = None
+_node: str | None = None  # this process's node (a pool process: its parent's)
+_nodes: dict[str, None] = {}  # nodes whose main process is this one
 _counters: dict[str, tuple[tuple[str, str], ...]] = {}  # instance -> its counters group
 
 
@@ -84,6 +90,13 @@ def instrument(app: Celery | None = None) -> None:
             signal.connect(
                 handler, weak=False, dispatch_uid=f"orchestrator_push.{handler.__name__}"
             )
+        if not celery_request.patch(_request_ended):
+            log.warning(
+                "orchestrator_push: this Celery's worker Request lacks the methods it "
+                "wraps (checked: %s); hard time limits and lost pool processes are not "
+                "reported",
+                ", ".join(celery_request.CHECKED),
+            )
 
 
 def uninstrument(app: Celery | None = None) -> None:
@@ -96,6 +109,7 @@ def uninstrument(app: Celery | None = None) -> None:
         if not _apps:
             for signal, handler in _HANDLERS:
                 signal.disconnect(handler, dispatch_uid=f"orchestrator_push.{handler.__name__}")
+            celery_request.unpatch()
 
 
 def _app_settings(app: Celery) -> dict[str, str]:
@@ -121,7 +135,9 @@ def _flow(task: Any) -> str:
     return str(getattr(task.app, "main", None) or "celery")
 
 
-def _record_of(task: Any, status: str, duration: float, request: Any) -> TaskRecord:
+def _record_of(
+    task: Any, status: str, duration: float, request: Any, queued: float | None = None
+) -> TaskRecord:
     """``attempt`` is ``request.retries + 1``; the record ends now."""
     task_id = getattr(request, "id", None)
     return TaskRecord(  # positional: this runs for every task
@@ -134,36 +150,26 @@ def _record_of(task: Any, status: str, duration: float, request: Any) -> TaskRec
         int(getattr(request, "retries", 0) or 0) + 1,
         None,
         str(task_id) if task_id is not None else None,
+        queued,
     )
 
 
-def _emit(rec: TaskRecord, node: str | None, once: str | None = None) -> None:
-    """Hand the record to whoever pushes for this process: the parent, or us.
-
-    ``once``: a task id whose failure may be reported from two places (the
-    child's ``task_postrun`` without a state, the parent's ``task_failure``
-    after a hard time limit); only the first report counts.
-    """
-    instance = node or _node or socket.gethostname()
+def _counters_of(instance: str) -> tuple[tuple[str, str], ...]:
     cumulative = _counters.get(instance)
     if cumulative is None:
         cumulative = _counters[instance] = (("instance", instance),)
+    return cumulative
+
+
+def _emit(rec: TaskRecord) -> None:
+    """Hand the record of a task that ran here to whoever pushes for this
+    process's node: the parent (a prefork pool process), or us."""
     relay = _relay
     if relay is not None and relay.in_child():
-        relay.send((rec, cumulative, once))
+        relay.send((rec, _counters_of(_node or socket.gethostname())))
     else:
-        _record(rec, cumulative, once)
-
-
-def _record(rec: TaskRecord, cumulative: tuple[tuple[str, str], ...], once: str | None) -> None:
-    if once is not None:
-        with _lock:
-            if once in _reported_failures:
-                return
-            _reported_failures[once] = None
-            if len(_reported_failures) > 10_000:
-                _reported_failures.popitem(last=False)
-    runtime.record_task(rec, cumulative=cumulative)
+        node = celery_request.current_node() or _node or socket.gethostname()
+        runtime.record_task(rec, cumulative=_counters_of(node))
 
 
 def _relay_lost(reason: Loss, n: int) -> None:
@@ -173,8 +179,63 @@ def _relay_lost(reason: Loss, n: int) -> None:
 
 
 def _record_relayed(item: object) -> None:
-    rec, cumulative, once = cast("tuple[TaskRecord, tuple[tuple[str, str], ...], str | None]", item)
-    _record(rec, cumulative, once)
+    rec, cumulative = cast("tuple[TaskRecord, tuple[tuple[str, str], ...]]", item)
+    runtime.record_task(rec, cumulative=cumulative)
+
+
+@never_raises
+def _request_ended(request: Any, status: str, duration: float) -> None:
+    """An end the worker's main process decided (celery_request.py)."""
+    task = request.task
+    if not _instrumented(task):
+        return
+    rec = _record_of(task, status, duration, _Retries(request))
+    node = str(request.hostname)
+    runtime.record_task(rec, cumulative=_counters_of(node))
+
+
+class _Retries:
+    """A main-process request's id and retries, read like a task's request."""
+
+    __slots__ = ("id", "retries")
+
+    def __init__(self, request: Any) -> None:
+        self.id = request.id
+        self.retries = request.request_dict.get("retries", 0)
+
+
+def _running(node: str) -> dict[tuple[str, str], tuple[int, float]]:
+    """The node's attempts in progress, from the worker's own record of them."""
+    from celery.worker import state
+
+    out: dict[tuple[str, str], tuple[int, float]] = {}
+    for req in list(state.active_requests):
+        start = req.time_start
+        if not start or req.hostname != node or not _instrumented(req.task):
+            continue
+        key = (_flow(req.task), str(req.task.name))
+        n, oldest = out.get(key, (0, start))
+        out[key] = (n + 1, min(oldest, start))
+    return out
+
+
+def _queued(request: Any, now: float) -> float | None:
+    """Time from publish (or from the due time of an ETA/countdown) to now,
+    when the publisher stamped it."""
+    values = getattr(request, "__dict__", None)
+    if not values:
+        return None
+    published = values.get(PUBLISHED)
+    if published is None:
+        return None
+    ready = float(published)
+    eta = values.get("eta")
+    if eta:
+        due = datetime.fromisoformat(str(eta))
+        if due.tzinfo is None:
+            due = due.replace(tzinfo=timezone.utc)
+        ready = max(ready, due.timestamp())
+    return max(now - ready, 0.0)
 
 
 # -- signal handlers: each is a few dict operations; none may raise ------------------
@@ -182,12 +243,31 @@ def _record_relayed(item: object) -> None:
 
 @never_raises
 def on_worker_init(sender: Any = None, **_: Any) -> None:
-    """Main process, before the pool forks: open the relay for prefork children."""
+    """Main process, before the pool forks: open the relay for prefork
+    children, and say the node is up."""
     global _relay, _node
-    _node = getattr(sender, "hostname", None) or _node
+    hostname = getattr(sender, "hostname", None)
+    _node = hostname or _node
     if _relay is None and _is_prefork(getattr(sender, "pool_cls", None)):
         _relay = Relay(_record_relayed, on_lost=_relay_lost)
-        atexit.register(_parent_exit)
+    if hostname:
+        _nodes[hostname] = None
+        engine = runtime.get_engine()
+        if engine is not None:
+            engine.register_node(
+                _counters_of(hostname), FRAMEWORK, ROLE, running=lambda: _running(hostname)
+            )
+    atexit.unregister(_at_exit)  # once, however many nodes start in this process
+    atexit.register(_at_exit)
+
+
+@never_raises
+def on_worker_process_init(sender: Any = None, **_: Any) -> None:
+    """A new pool process: its node is the parent's (``sender`` is its name)."""
+    global _node
+    if isinstance(sender, str) and sender:
+        _node = sender
+    celery_request.forget_node()
 
 
 def _is_prefork(pool_cls: Any) -> bool:
@@ -199,51 +279,55 @@ def _is_prefork(pool_cls: Any) -> bool:
 
 
 @never_raises
+def on_before_task_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """An instrumented publisher stamps the time, for the worker's queue wait."""
+    if headers is not None and _apps:
+        headers[PUBLISHED] = time.time()
+
+
+@never_raises
 def on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if task_id is not None and _instrumented(task):
-        _starts[task_id] = time.monotonic()
+        queued = _queued(task.request, time.time())
+        _starts[task_id] = (time.monotonic(), queued)
 
 
 @never_raises
 def on_task_postrun(
-    task_id: str | None = None, task: Any = None, state: str | None = None, **_: Any
+    task_id: str | None = None,
+    task: Any = None,
+    state: str | None = None,
+    retval: Any = None,
+    **_: Any,
 ) -> None:
     if task_id is None or not _instrumented(task):
         return
     started = _starts.pop(task_id, None)
-    duration = time.monotonic() - started if started is not None else 0.0
+    if state is None:
+        exc = sys.exc_info()[1]
+        if exc is not None and not isinstance(exc, Exception):
+            # SystemExit & co: the attempt was ended from outside (a terminate,
+            # a hard time limit, a shutdown); the main process reports it.
+            return
+    duration, queued = (time.monotonic() - started[0], started[1]) if started else (0.0, None)
     request = getattr(task, "request", None)
-    rec = _record_of(task, _STATUS.get(state or "", FAILED), duration, request)
-    # No state: an internal error, or the child being terminated after a hard
-    # time limit, which the main process reports too.
-    _emit(rec, getattr(request, "hostname", None), once=task_id if state is None else None)
+    _emit(_record_of(task, _status(state, retval), duration, request, queued))
+
+
+def _status(state: str | None, retval: Any) -> str:
+    if state == "REJECTED" and getattr(retval, "requeue", False):
+        return RETRY  # Reject(requeue=True): the message runs again
+    return _STATUS.get(state or "", FAILED)
 
 
 @never_raises
-def on_task_failure(
-    sender: Any = None,
-    task_id: str | None = None,
-    exception: BaseException | None = None,
-    **_: Any,
-) -> None:
-    """Failures the child could not report: hard time limit, lost worker process.
+def on_task_failure(**_: Any) -> None:
+    celery_request.saw(FAILED)
 
-    They are signalled in the prefork main process (twice for a hard time limit).
-    Every other failure is reported by ``task_postrun`` where the task ran.
-    """
-    relay = _relay
-    if relay is None or os.getpid() != relay.owner or task_id is None:
-        return
-    if not _instrumented(sender) or type(exception).__name__ not in (
-        "TimeLimitExceeded",
-        "WorkerLostError",
-    ):
-        return
-    limit = getattr(sender, "time_limit", None) or sender.app.conf.task_time_limit
-    is_timeout = type(exception).__name__ == "TimeLimitExceeded"
-    duration = float(limit) if is_timeout and limit else 0.0
-    rec = _record_of(sender, FAILED, duration, getattr(sender, "request", None))
-    _emit(rec, _node, once=task_id)
+
+@never_raises
+def on_task_retry(**_: Any) -> None:
+    celery_request.saw(RETRY)
 
 
 @never_raises
@@ -252,7 +336,8 @@ def on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     if sender is None or not _instrumented(sender):
         return
     rec = _record_of(sender, REVOKED, 0.0, request)
-    _emit(rec, getattr(request, "hostname", None) or _node)
+    node = getattr(request, "hostname", None) or _node or socket.gethostname()
+    runtime.record_task(rec, cumulative=_counters_of(node))
 
 
 @never_raises
@@ -268,24 +353,48 @@ def on_worker_process_shutdown(**_: Any) -> None:
 
 
 @never_raises
-def on_worker_shutdown(**_: Any) -> None:
+def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None)
+    _node_down([hostname] if hostname in _nodes else [])
     _parent_exit()
+
+
+def _node_down(nodes: list[str]) -> None:
+    engine = runtime.get_engine()
+    for node in nodes:
+        _nodes.pop(node, None)
+        if engine is not None:
+            engine.node_down(_counters_of(node), FRAMEWORK)
 
 
 def _parent_exit() -> None:
     """Warm shutdown, then atexit: the second call returns at once."""
-    engine = runtime.get_engine()
     relay = _relay
-    if engine is not None and relay is not None and os.getpid() == relay.owner:
+    if relay is not None and relay.in_child():
+        return
+    engine = runtime.get_engine()
+    if engine is not None and relay is not None:
         relay.sync(engine.config.flush_timeout)
     runtime.flush_at_exit()
 
 
+def _at_exit() -> None:
+    """Also after a cold shutdown (no ``worker_shutdown``): every node of this
+    process is going."""
+    relay = _relay
+    if relay is None or not relay.in_child():
+        _node_down(list(_nodes))
+    _parent_exit()
+
+
 _HANDLERS: tuple[tuple[Any, Callable[..., None]], ...] = (
     (signals.worker_init, on_worker_init),
+    (signals.worker_process_init, on_worker_process_init),
+    (signals.before_task_publish, on_before_task_publish),
     (signals.task_prerun, on_task_prerun),
     (signals.task_postrun, on_task_postrun),
     (signals.task_failure, on_task_failure),
+    (signals.task_retry, on_task_retry),
     (signals.task_revoked, on_task_revoked),
     (signals.worker_process_shutdown, on_worker_process_shutdown),
     (signals.worker_shutdown, on_worker_shutdown),
