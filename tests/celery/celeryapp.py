@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from celery import Celery
+from celery.exceptions import Reject
 
 from orchestrator_push.celery import instrument
 
@@ -58,3 +60,41 @@ TOO_LONG = "shop." + "x" * 5000
 @app.task(name=TOO_LONG)
 def too_long() -> None:
     return None
+
+
+def _times(key: str) -> int:
+    """How many times this key was seen, across processes and redeliveries (Redis)."""
+    import redis
+
+    return int(redis.Redis.from_url(broker).incr(f"test:times:{key}"))
+
+
+@app.task(name="shop.killed_then_retried", bind=True, retry_on_worker_lost=True, max_retries=3,
+          default_retry_delay=0)
+def killed_then_retried(self) -> str:  # type: ignore[no-untyped-def]
+    if self.request.retries < 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # the pool process dies (an OOM kill, say)
+    return "ok"
+
+
+@app.task(name="shop.killed_then_requeued", bind=True, acks_late=True,
+          reject_on_worker_lost=True)
+def killed_then_requeued(self) -> str:  # type: ignore[no-untyped-def]
+    if _times(self.request.id) <= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "ok"
+
+
+@app.task(name="shop.rejected_then_ok", bind=True, acks_late=True)
+def rejected_then_ok(self) -> str:  # type: ignore[no-untyped-def]
+    if _times(self.request.id) <= 1:
+        raise Reject("not now", requeue=True)
+    return "ok"
+
+
+@app.task(name="shop.timed_out_redelivered", bind=True, acks_late=True, acks_on_timeout=False,
+          time_limit=1)
+def timed_out_redelivered(self) -> str:  # type: ignore[no-untyped-def]
+    if _times(self.request.id) <= 4:  # the first four deliveries hit the hard limit
+        time.sleep(30)
+    return "ok"
