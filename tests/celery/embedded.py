@@ -6,16 +6,15 @@ Celery's record of each, flushes and prints the task ids that finished.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 
-import inspect
-
+import celeryapp
 import redis
 from celery.contrib.testing import worker as testing
 from celery.contrib.testing.worker import start_worker
 
-import celeryapp
 import orchestrator_push
 
 
