@@ -43,7 +43,16 @@ def celery(session: nox.Session, celery: str) -> None:
     # Each Celery minor with the kombu minor released beside it: a newer kombu's
     # Redis transport wants a redis-py that Celery 5.4's extra does not allow.
     session.install("-e", ".[dev]", f"celery[redis]=={celery}.*", f"kombu=={celery}.*")
-    session.run("pytest", "tests/celery", *session.posargs)
+    session.run("pytest", "tests/celery", "--ignore=tests/celery/test_green.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+@nox.parametrize("pool", ["gevent", "eventlet"])
+def celery_green(session: nox.Session, pool: str) -> None:
+    """Real Celery workers with the gevent or eventlet pool."""
+    session.install("-e", ".[dev]", "celery[redis]==5.7.*", "kombu==5.7.*", pool)
+    session.env["TEST_GREEN_POOL"] = pool
+    session.run("pytest", "tests/celery/test_green.py", *session.posargs)
 
 
 @nox.session
