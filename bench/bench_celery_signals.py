@@ -49,6 +49,9 @@ if mode == "instrument":
     assert op.__file__.startswith(src), op.__file__
     from orchestrator_push.celery import instrument
     instrument(app)
+    class Worker:  # the worker's main process starting (solo pool): it names the node
+        hostname, pool_cls = node, "solo"
+    signals.worker_init.send(sender=Worker())
 ids = [uuid.uuid4().hex for _ in range(n)]
 pre, post = signals.task_prerun.send, signals.task_postrun.send
 cpu0 = time.process_time()
