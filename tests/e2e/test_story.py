@@ -212,6 +212,17 @@ EXPECTED_PANELS: dict[str, Any] = {
         ("shop.refund", "failed")},
     "Celery p95 duration by task": lambda res:
         tuples(res, "task") == {("shop.charge",), ("shop.ship",), ("shop.refund",)},
+    # the example's worker shut down cleanly: up 0, so not down
+    "Workers down (up, not seen for 2 min)": lambda res: float(res[0]["value"][1]) == 0,
+    "Seconds since each worker was last seen": lambda res:
+        tuples(res, "job", "framework", "role") == {("celery", "celery", "celery-worker")},
+    "Celery tasks in progress by task": lambda res: {
+        (r["metric"]["task"], float(r["value"][1])) for r in res} == {
+        ("shop.charge", 0.0), ("shop.ship", 0.0), ("shop.refund", 0.0)},
+    "Oldest attempt in progress per task (age)": lambda res: res == [],
+    # send.py calls instrument(app): its messages carry the publish time
+    "Celery p95 queue wait by task": lambda res:
+        tuples(res, "task") == {("shop.charge",), ("shop.ship",), ("shop.refund",)},
 }
 
 
