@@ -275,6 +275,10 @@ class Cumulative:
                 qs = self.queued[qkey] = _shared(self._queued_sent, labels)
             qs.observe(q)
 
+    def tasks(self) -> list[tuple[str, str]]:
+        """The (flow, task) names counted here (as sent)."""
+        return list(dict.fromkeys((s.labels[1], s.labels[2]) for s in self._sent.values()))
+
     def families(self, ns: str) -> list[Metric]:
         labels = ["framework", "flow", "task", "status"]
         runs = CounterMetricFamily(f"{ns}_task_runs", _HELP["task_runs"], labels=labels)

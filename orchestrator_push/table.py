@@ -14,7 +14,7 @@ folded in while that push was in flight stays pending.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
@@ -58,7 +58,11 @@ class Node:
             warn_limited("running", "orchestrator_push: could not read the tasks in progress")
         return self.last_running
 
-    def families(self, ns: str, framework: str) -> list[Metric]:
+    def families(
+        self, ns: str, framework: str, ran: Iterable[tuple[str, str]] = ()
+    ) -> list[Metric]:
+        """``ran``: the (flow, task) names that finished here (sent as 0 when
+        none is in progress)."""
         running = self.sample()
         if running is not None:
             for name in running:
@@ -71,7 +75,7 @@ class Node:
             up=self.up,
             last_seen=self.last_seen,
             running=running,
-            known=self.known,
+            known=[*self.known, *ran],
         )
 
 
@@ -159,7 +163,7 @@ class Group:
         if self.counts is not None:
             fams = self.counts.families(ns)
             if self.node is not None:
-                fams += self.node.families(ns, self.framework)
+                fams += self.node.families(ns, self.framework, self.counts.tasks())
             return fams
         return schema.last_run_families(
             ns, self.kind.value, self.framework, self.last, self.success_at, self.failure_at

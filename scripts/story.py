@@ -74,9 +74,15 @@ def _run(
     return p
 
 
+_SPOOL = tempfile.mkdtemp(prefix="orchestrator-push-story-")
+
+
 def _base_env(gateway: Pushgateway) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_PUSH_")}
     env["ORCHESTRATOR_PUSH_URL"] = gateway.url
+    # its own spool: records other processes on this machine left in the default
+    # one would be replayed into this gateway
+    env["ORCHESTRATOR_PUSH_SPOOL_DIR"] = _SPOOL
     return env
 
 

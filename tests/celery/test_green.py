@@ -8,8 +8,8 @@ import os
 
 import pytest
 from gateway import Pushgateway, wait_until
-from test_ends import running, settle, wait_status
 from test_celery import wait_results
+from test_ends import running, settle, wait_status
 
 NS = "orchestrator"
 POOL = os.environ.get("TEST_GREEN_POOL", "")

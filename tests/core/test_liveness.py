@@ -62,8 +62,12 @@ def test_attempts_in_progress_come_from_the_node_and_known_tasks_fall_back_to_ze
     }
     e = engine_for(pushgateway.url)
     e.register_node(NODE, "celery", "celery-worker", running=lambda: dict(running))
+    # finished on this node, never seen in progress at a push: 0, not absent
+    e.record_task(TaskRecord("celery", "shop", "shop.quick", "success", time.time(), 0.01),
+                  cumulative=NODE)
     assert e.flush(10)
     g = pushgateway.group(job="celery", instance="w1@host")
+    assert g.value(f"{NS}_tasks_running", task="shop.quick") == 0
     assert g.value(f"{NS}_tasks_running", task="shop.slow") == 2
     assert g.value(f"{NS}_task_oldest_running_start_timestamp_seconds",
                    task="shop.slow") == 1_700_000_000.0
