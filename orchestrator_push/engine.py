@@ -142,6 +142,33 @@ class Engine:
         except Exception:
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
 
+    def record_start(
+        self,
+        framework: str,
+        flow: str,
+        task: str | None = None,
+        *,
+        at: float | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """An attempt of ``task`` (or a run of ``flow`` when ``task`` is None)
+        started (``at``, default now; ``timeout``: its time limit in seconds, if
+        the framework sets one). Pushed within one interval, while it runs; a
+        start and end within one interval share one push. Never raises."""
+        try:
+            if not self.config.enabled or self._closed:
+                return
+            if self._pid != os.getpid():
+                self._after_fork()
+            start = time.time() if at is None else float(at)
+            if start - start != 0.0:
+                return
+            with self._lock:
+                ok = self._table.start(framework, flow, task, start, timeout)
+            self._after_record(ok)
+        except Exception:
+            warn_limited("start", "orchestrator_push: could not record a start")
+
     def register_node(
         self,
         counters: Mapping[str, str] | tuple[tuple[str, str], ...],
@@ -331,16 +358,18 @@ class Engine:
                 for g in self._table.dirty()
                 if g.kind is not GroupKind.COUNTERS
             ]
-            ok = self._write_spool(snaps) if snaps else True
+            # a start is not spooled: the end, which carries the outcome, is
+            keep = [s for s in snaps if s.pending]
+            ok = self._write_spool(keep) if keep else True
             for snap in snaps:
                 self._table.commit(snap)
             left = self._table.pending()
-        if snaps and ok:
+        if keep and ok:
             log.warning(
                 "orchestrator_push: %s unreachable; %d records spooled to %s for the next "
                 "process that reaches it",
                 self.config.url,
-                sum(s.pending for s in snaps),
+                sum(s.pending for s in keep),
                 self._spool.directory,
             )
         self._sender.notify_settled()

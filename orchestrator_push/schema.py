@@ -82,6 +82,10 @@ _HELP = {
     "push_records_replayed": "Spooled records this process delivered (its total so far).",
     "push_failures": "Failed pushes of this process, by reason (its total so far).",
     "task_duration_seconds": "Duration of finished task attempts, by outcome.",
+    "task_last_start_timestamp_seconds": "Unix time the last attempt of the task started.",
+    "task_timeout_seconds": "Time limit of the task's attempts as set in the framework.",
+    "flow_last_start_timestamp_seconds": "Unix time the last run of the flow started.",
+    "flow_timeout_seconds": "Time limit of the flow's runs as set in the framework.",
     "task_last_queued_duration_seconds": "Time the last finished attempt waited to start.",
     "task_queued_seconds": "Time finished task attempts waited between being ready and starting.",
     "worker_up": "1 while the worker process runs, 0 once it shut down cleanly.",
@@ -199,6 +203,16 @@ def last_run_families(
         fams.append(_gauge(ns, f"{kind}_last_success_timestamp_seconds", success_at, framework))
     if failure_at is not None:
         fams.append(_gauge(ns, f"{kind}_last_failure_timestamp_seconds", failure_at, framework))
+    return fams
+
+
+def start_families(
+    ns: str, kind: str, framework: str, started: float, timeout: float | None
+) -> list[Metric]:
+    """An attempt (``kind`` "task") or run ("flow") in progress since ``started``."""
+    fams: list[Metric] = [_gauge(ns, f"{kind}_last_start_timestamp_seconds", started, framework)]
+    if timeout is not None and 0.0 < timeout < _INF:
+        fams.append(_gauge(ns, f"{kind}_timeout_seconds", timeout, framework))
     return fams
 
 

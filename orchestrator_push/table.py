@@ -94,12 +94,15 @@ class Group:
         "newest",
         "newest_failure",
         "newest_run",
+        "newest_start",
         "newest_success",
         "node",
         "path",
         "pending",
         "seq",
+        "started",
         "success_at",
+        "timeout",
     )
 
     def __init__(self, kind: GroupKind, key: GroupKey, framework: str) -> None:
@@ -117,6 +120,10 @@ class Group:
         self.newest_run: tuple[str | None, int] = (None, 0)  # run id and attempt of the newest
         self.newest_success = _NEVER
         self.newest_failure = _NEVER
+        # Not yet sent: the start of the newest attempt in progress, and its time limit.
+        self.started: float | None = None
+        self.timeout: float | None = None
+        self.newest_start = _NEVER
         self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
         self.node: Node | None = None  # counters groups of long-lived processes
         self.pending = 0  # records folded in and not yet committed
@@ -165,9 +172,19 @@ class Group:
             if self.node is not None:
                 fams += self.node.families(ns, self.framework, self.counts.tasks())
             return fams
-        return schema.last_run_families(
+        fams = schema.last_run_families(
             ns, self.kind.value, self.framework, self.last, self.success_at, self.failure_at
         )
+        if self.started is not None:
+            fams += schema.start_families(
+                ns, self.kind.value, self.framework, self.started, self.timeout
+            )
+        return fams
+
+    def start(self, at: float, timeout: float | None) -> None:
+        if at >= self.newest_start:
+            self.newest_start = self.started = at
+            self.timeout = timeout
 
     def entry(self, ns: str) -> Entry:
         """The spool's copy of what is pending here."""
@@ -197,6 +214,7 @@ class Snapshot:
     last: Record | None
     success_at: float | None
     failure_at: float | None
+    started: float | None = None
 
     def entry(self, ns: str) -> Entry:
         """The spool's copy of what this snapshot carries."""
@@ -258,6 +276,24 @@ class Table:
         self._touch(g)
         return True
 
+    def start(
+        self, framework: str, flow: str, task: str | None, at: float, timeout: float | None
+    ) -> bool:
+        """An attempt of ``task`` (or, with None, a run of ``flow``) started at
+        ``at``: due for a push while it runs. Not a record: it is not counted and
+        not spooled (the end is)."""
+        alias: tuple[object, ...] = (
+            (framework, flow, task) if task is not None else (framework, flow)
+        )
+        g = self._index.get(alias)
+        if g is None:
+            g = self._lookup_names(framework, flow, task)
+            if g is None:
+                return False
+        g.start(at, timeout)
+        self._mark(g)
+        return True
+
     def _touch(self, g: Group) -> None:
         self._mark(g)
         g.pending += 1
@@ -304,13 +340,17 @@ class Table:
     def _lookup(self, kind: GroupKind, rec: Record) -> Group | None:
         """The group for a record whose names are not in the index yet (a new
         group, one evicted earlier, or names that clean to an existing group's)."""
-        job = self._job if self._job is not None else rec.framework
-        if isinstance(rec, TaskRecord):
-            clean = schema.clean_value(rec.flow), schema.clean_value(rec.task)
+        task = rec.task if isinstance(rec, TaskRecord) else None
+        return self._lookup_names(rec.framework, rec.flow, task)
+
+    def _lookup_names(self, framework: str, flow: str, task: str | None) -> Group | None:
+        job = self._job if self._job is not None else framework
+        if task is not None:
+            clean = schema.clean_value(flow), schema.clean_value(task)
             key: GroupKey = (("job", job), ("flow", clean[0]), ("task", clean[1]), *self._static)
-            return self._group(kind, key, rec.framework, (rec.framework, rec.flow, rec.task))
-        key = (("job", job), ("flow", schema.clean_value(rec.flow)), *self._static)
-        return self._group(kind, key, rec.framework, (rec.framework, rec.flow))
+            return self._group(GroupKind.TASK, key, framework, (framework, flow, task))
+        key = (("job", job), ("flow", schema.clean_value(flow)), *self._static)
+        return self._group(GroupKind.FLOW, key, framework, (framework, flow))
 
     def _counters(self, framework: str, counters: tuple[tuple[str, str], ...]) -> Group | None:
         g = self._index.get((framework, counters))
@@ -353,7 +393,9 @@ class Table:
         return list(self._dirty)
 
     def snapshot(self, g: Group, ns: str) -> Snapshot:
-        return Snapshot(g, g.families(ns), g.seq, g.pending, g.last, g.success_at, g.failure_at)
+        return Snapshot(
+            g, g.families(ns), g.seq, g.pending, g.last, g.success_at, g.failure_at, g.started
+        )
 
     def commit(self, snap: Snapshot) -> None:
         """What ``snap`` carried reached the gateway (or the spool, or was given up
@@ -365,9 +407,12 @@ class Table:
             g.success_at = None
         if g.failure_at == snap.failure_at:
             g.failure_at = None
+        if g.started == snap.started:
+            g.started = None
         g.pending = max(g.pending - snap.pending, 0)
-        # A node's liveness marked during the push (its shutdown, say) is still due.
-        if g.seq == snap.seq or (not g.pending and g.node is None):
+        # Anything folded or marked during the push (a record, a start, a node's
+        # shutdown) is still due.
+        if g.seq == snap.seq:
             g.pending = 0
             self._dirty.pop(g, None)
         else:

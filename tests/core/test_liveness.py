@@ -118,3 +118,39 @@ def test_queue_wait_is_the_last_attempts_gauge_and_a_per_node_histogram(
     assert h.value(name, task="shop.ok", __sum__="1") == pytest.approx(3.22)
     assert h.value(name, task="shop.ok", le="0.05") == 1
     assert h.value(name, task="shop.ok", le="5") == 3
+
+
+def test_a_start_is_pushed_while_the_attempt_runs_and_its_end_follows(
+        pushgateway: Pushgateway) -> None:
+    e = engine_for(pushgateway.url)
+    e.record_start("exec", "backup", "dump", at=1_700_000_000.0, timeout=3600)
+    e.record_start("exec", "backup", None, at=1_699_999_999.0)
+    assert e.flush(10)
+    g = pushgateway.group(job="exec", flow="backup", task="dump")
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds", framework="exec") == 1_700_000_000.0
+    assert g.value(f"{NS}_task_timeout_seconds") == 3600
+    assert f"{NS}_task_last_completion_timestamp_seconds" not in g.metrics  # in progress
+    f = pushgateway.group(job="exec", flow="backup")
+    assert f.value(f"{NS}_flow_last_start_timestamp_seconds") == 1_699_999_999.0
+    assert f"{NS}_flow_timeout_seconds" not in f.metrics
+    e.record_task(TaskRecord("exec", "backup", "dump", "success", 1_700_000_050.0, 50.0))
+    # an older start reported late never hides the newer one
+    e.record_start("exec", "backup", "dump", at=1_600_000_000.0)
+    assert e.flush(10)
+    g = pushgateway.group(job="exec", flow="backup", task="dump")
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds") == 1_700_000_000.0
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 1_700_000_050.0
+
+
+def test_a_start_and_end_within_one_interval_cost_one_push(pushgateway: Pushgateway) -> None:
+    e = op.Engine(op.load_config({}, url=pushgateway.url, interval=5))
+    _engines.append(e)
+    before = pushgateway.push_count()
+    now = time.time()
+    e.record_start("exec", "quick", "main", at=now)
+    e.record_task(TaskRecord("exec", "quick", "main", "success", now + 0.01, 0.01))
+    assert e.flush(10)
+    assert pushgateway.push_count() - before == 1
+    g = pushgateway.group(job="exec", flow="quick", task="main")
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds") == now
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == now + 0.01
