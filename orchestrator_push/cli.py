@@ -19,7 +19,8 @@ examples:
   ORCHESTRATOR_PUSH_URL=http://pushgateway:9091 \\
     orchestrator-push exec --job etl --flow sales --task load -- python load.py
 
-exit codes (exec): the command's own; 128+N when it was killed by signal N;
+exit codes (exec): the command's own; 124 when --timeout stopped it; 128+N when it
+was killed by signal N;
 127 when it could not be started; 2 for a usage or configuration error.
 """
 
@@ -97,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--job", required=True, help="value of the job grouping label")
     ex.add_argument("--flow", help="value of the flow label (default: the job name)")
     ex.add_argument("--task", default="main", help="value of the task label (default: main)")
+    ex.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="DURATION",
+        help="stop the command after DURATION (90s, 10m, 2h) like coreutils timeout: SIGTERM, "
+        "SIGKILL 10 s later if it is still running; exit code 124; pushed as the task's time limit",
+    )
     ex.add_argument("-v", "--verbose", action="store_true", help="log delivery details to stderr")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
@@ -210,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("exec needs a command after --")
         _quiet_library_logs(args.verbose)
         try:
-            return run_and_report(cmd, job=args.job, flow=args.flow or args.job, task=args.task)
+            return run_and_report(
+                cmd, job=args.job, flow=args.flow or args.job, task=args.task, timeout=args.timeout
+            )
         except ConfigError as exc:
             print(f"orchestrator-push: invalid configuration: {exc}", file=sys.stderr)
             return 2

@@ -16,6 +16,9 @@ from .records import FAILED, SUCCESS, TaskRecord
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 CANNOT_START = 127
+TIMED_OUT = 124  # as coreutils timeout
+#: After --timeout's SIGTERM, how long the command may take to stop before SIGKILL.
+KILL_AFTER = 10.0
 
 
 def exit_code(returncode: int) -> int:
@@ -23,12 +26,16 @@ def exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int:
+def run_and_report(
+    cmd: Sequence[str], *, job: str, flow: str, task: str, timeout: float | None = None
+) -> int:
     config = load_config(job=job)  # raises ConfigError before the command runs
     engine = Engine(config)
     engine.start()  # earlier runs' spool is replayed while the command runs
     started_wall, started = time.time(), time.monotonic()
-    code = _run(cmd)
+    # at the gateway within one push interval, so a run that never ends is seen
+    engine.record_start("exec", flow, task, at=started_wall, timeout=timeout)
+    code = _run(cmd, timeout)
     duration = time.monotonic() - started
     engine.record_task(
         TaskRecord(
@@ -58,7 +65,7 @@ def run_and_report(cmd: Sequence[str], *, job: str, flow: str, task: str) -> int
     return code
 
 
-def _run(cmd: Sequence[str]) -> int:
+def _run(cmd: Sequence[str], timeout: float | None = None) -> int:
     try:
         proc = subprocess.Popen(list(cmd))
     except OSError as exc:
@@ -71,11 +78,23 @@ def _run(cmd: Sequence[str]) -> int:
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        while True:
+        if timeout is None:
+            return exit_code(proc.wait())
+        try:
+            return exit_code(proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            print(
+                f"orchestrator-push: {cmd[0]!r} still running after {timeout:g}s (--timeout); "
+                "stopping it",
+                file=sys.stderr,
+            )
+            proc.terminate()
             try:
-                return exit_code(proc.wait())
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
+                proc.wait(KILL_AFTER)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return TIMED_OUT
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

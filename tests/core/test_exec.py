@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from gateway import Pushgateway, free_port
+from gateway import Pushgateway, free_port, wait_until
 
 NS = "orchestrator"
 
@@ -140,3 +140,68 @@ def test_delivery_happens_before_exit(pushgateway: Pushgateway) -> None:
             env={"ORCHESTRATOR_PUSH_INTERVAL": "3600"})
     assert p.returncode == 0
     assert pushgateway.group(job="immediate", flow="immediate", task="main")
+
+
+def test_the_start_is_at_the_gateway_while_the_command_runs(pushgateway: Pushgateway) -> None:
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+           "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
+    script = "import sys; print('ready', flush=True); sys.stdin.readline()"
+    before = time.time()
+    proc = subprocess.Popen([*cli(), "exec", "--job", "long", "--timeout", "1h", "--",
+                             sys.executable, "-c", script],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+
+        def started() -> float | None:
+            try:
+                g = pushgateway.group(job="long", flow="long", task="main")
+                return g.value(f"{NS}_task_last_start_timestamp_seconds")
+            except KeyError:
+                return None
+
+        start = wait_until(started, 10, what="the start, while the command runs")
+        assert before <= start <= time.time()
+        g = pushgateway.group(job="long", flow="long", task="main")
+        assert g.value(f"{NS}_task_timeout_seconds") == 3600
+        assert f"{NS}_task_last_completion_timestamp_seconds" not in g.metrics
+        proc.stdin.write("done\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    g = pushgateway.group(job="long", flow="long", task="main")
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds") == start
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") > start
+
+
+def test_a_killed_exec_leaves_its_start_without_a_completion(pushgateway: Pushgateway) -> None:
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+           "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
+    proc = subprocess.Popen([*cli(), "exec", "--job", "vanished", "--", "sleep", "60"], env=env,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: any(g.labels.get("job") == "vanished"
+                               and f"{NS}_task_last_start_timestamp_seconds" in g.metrics
+                               for g in pushgateway.groups()), 10, what="the start")
+        os.killpg(proc.pid, signal.SIGKILL)  # exec and its command, as an OOM kill or a reboot
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    g = pushgateway.group(job="vanished", flow="vanished", task="main")
+    assert f"{NS}_task_last_completion_timestamp_seconds" not in g.metrics  # what the rule reads
+
+
+def test_timeout_stops_the_command_exits_124_and_pushes_a_failure(
+        pushgateway: Pushgateway) -> None:
+    p = run(["exec", "--job", "slow", "--timeout", "1s", "--", "sleep", "30"], pushgateway.url)
+    assert p.returncode == 124, p.stderr
+    assert "--timeout" in p.stderr
+    g = pushgateway.group(job="slow", flow="slow", task="main")
+    assert g.value(f"{NS}_task_last_exit_code") == 124
+    assert g.value(f"{NS}_task_last_status", status="failed") == 1
+    assert g.value(f"{NS}_task_timeout_seconds") == 1
+    assert 1.0 <= g.value(f"{NS}_task_last_duration_seconds") < 30  # stopped, not run out
