@@ -12,6 +12,8 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -109,7 +111,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 9
+    assert len(all_rules) == 18
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
@@ -252,3 +254,31 @@ def test_doctor_flags_a_scrape_without_honor_labels(prom: Prometheus, gw: Pushga
         assert "[FAIL] honor_labels: true" in text and "fix: set honor_labels: true" in text
     finally:
         bad.stop()
+
+
+def test_runs_in_progress_are_what_the_hung_and_vanished_rules_read(
+        prom: Prometheus, gw: Pushgateway) -> None:
+    # every run of the demo finished: its start and its completion are both there
+    starts = prom.query('orchestrator_task_last_start_timestamp_seconds{framework="exec"}')
+    assert tuples(starts, "flow", "task") == {("nightly", "dump"), ("nightly", "upload")}
+    assert prom.query("orchestrator:task_in_progress_start_timestamp_seconds") == []
+    # a run that does not finish (its process will be killed, as by an OOM kill)
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator_push", "exec", "--job", "stuck",
+                             "--timeout", "2h", "--", "sleep", "600"],
+                            env=env, start_new_session=True)
+    try:
+        found = wait_until(lambda: prom.query(
+            'orchestrator:task_in_progress_start_timestamp_seconds{job="stuck"}'), 60, interval=0.5,
+            what="the run in progress in Prometheus")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert tuples(found, "job", "framework", "flow", "task") == {("stuck", "exec", "stuck", "main")}
+    g = gw.group(job="stuck", flow="stuck", task="main")
+    assert float(found[0]["value"][1]) == g.value("orchestrator_task_last_start_timestamp_seconds")
+    assert g.value("orchestrator_task_timeout_seconds") == 7200
+    # killed: it stays in progress, which the rules turn into an alert after its limit
+    assert prom.query('orchestrator:task_in_progress_start_timestamp_seconds{job="stuck"}')
