@@ -66,6 +66,10 @@ def _row(g: GroupInfo, now: float, stale_after: float) -> dict[str, Any]:
         "stale": "stale" in notes,
         "push_failing": "push failing" in notes,
         "notes": notes,
+        "in_progress": g.in_progress,
+        "last_start_timestamp": g.started_at,
+        "running_for_seconds": now - g.started_at if g.in_progress and g.started_at else None,
+        "timeout_seconds": g.timeout,
     }
 
 
@@ -119,6 +123,8 @@ def status(
     for r in rows:
         other = {k: v for k, v in r["labels"].items() if k not in ("job", "flow", "task")}
         status_text = r["status"] or ("counters" if r["kind"] == "counters" else "-")
+        if r["in_progress"]:  # the previous outcome stays in the JSON's "status"
+            status_text = f"running {format_age(r['running_for_seconds'])}"
         table.append(
             [
                 r["job"],

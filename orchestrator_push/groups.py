@@ -46,7 +46,16 @@ class GroupInfo:
     completed_at: float | None = None
     success_at: float | None = None
     failure_at: float | None = None
+    started_at: float | None = None  # the last attempt's (run's) start
+    timeout: float | None = None
     metric_names: list[str] = field(default_factory=list)
+
+    @property
+    def in_progress(self) -> bool:
+        """Started after its last completion (or never completed)."""
+        return self.started_at is not None and (
+            self.completed_at is None or self.started_at > self.completed_at
+        )
 
     @property
     def job(self) -> str:
@@ -79,10 +88,16 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
         g.push_failure_time = _number(entry.get("push_failure_time_seconds")) or None
         for kind in ("task", "flow"):
             status_family = entry.get(f"{namespace}_{kind}_last_status")
-            if not status_family:
+            start_family = entry.get(f"{namespace}_{kind}_last_start_timestamp_seconds")
+            if not status_family and not start_family:
                 continue
             g.kind = kind
-            for m in status_family.get("metrics", []):
+            g.started_at = _number(start_family)
+            g.timeout = _number(entry.get(f"{namespace}_{kind}_timeout_seconds"))
+            if g.framework is None and start_family:
+                for m in start_family.get("metrics", []):
+                    g.framework = m.get("labels", {}).get("framework")
+            for m in (status_family or {}).get("metrics", []):
                 g.framework = m.get("labels", {}).get("framework", g.framework)
                 if float(m.get("value", 0)) == 1:
                     g.status = m.get("labels", {}).get("status")

@@ -265,3 +265,31 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_format_age() -> None:
     assert [format_age(x) for x in (None, 5, 125, 7300, 200000)] == ["-", "5s", "2m", "2h", "2d"]
+
+
+def test_status_shows_a_run_in_progress_with_its_age(pushgateway: Pushgateway) -> None:
+    e = op.Engine(op.load_config({}, url=pushgateway.url, interval=0.05))
+    try:
+        e.record_start("exec", "backup", "dump", at=NOW - 600, timeout=3600)  # never ran before
+        e.record_task(TaskRecord("exec", "backup", "upload", "success", NOW - 700, 10.0))
+        e.record_start("exec", "backup", "upload", at=NOW - 120)  # its second run
+        e.record_start("exec", "backup", "check", at=NOW - 900)
+        e.record_task(TaskRecord("exec", "backup", "check", "failed", NOW - 890, 10.0))
+        assert e.flush(10)
+    finally:
+        e.close(0)
+    out = io.StringIO()
+    assert admin.status(config(pushgateway), out, as_json=True, now=NOW) == 0
+    rows = {r["task"]: r for r in json.loads(out.getvalue())}
+    dump, upload, check = rows["dump"], rows["upload"], rows["check"]
+    assert (dump["kind"], dump["framework"], dump["in_progress"]) == ("task", "exec", True)
+    assert dump["running_for_seconds"] == pytest.approx(600)
+    assert dump["timeout_seconds"] == 3600 and dump["status"] is None
+    assert upload["in_progress"] and upload["status"] == "success"  # the previous outcome
+    assert upload["running_for_seconds"] == pytest.approx(120)
+    assert not check["in_progress"] and check["running_for_seconds"] is None
+    table = io.StringIO()
+    assert admin.status(config(pushgateway), table, now=NOW) == 0
+    lines = {line.split()[2]: line for line in table.getvalue().splitlines()[1:]}
+    assert "running 10m" in lines["dump"] and "running 2m" in lines["upload"]
+    assert "failed" in lines["check"]
