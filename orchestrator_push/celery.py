@@ -90,7 +90,7 @@ def instrument(app: Celery | None = None) -> None:
             signal.connect(
                 handler, weak=False, dispatch_uid=f"orchestrator_push.{handler.__name__}"
             )
-        if not celery_request.patch(_request_ended):
+        if not celery_request.patch(_request_ended, _request_started):
             log.warning(
                 "orchestrator_push: this Celery's worker Request lacks the methods it "
                 "wraps (checked: %s); hard time limits and lost pool processes are not "
@@ -192,6 +192,25 @@ def _request_ended(request: Any, status: str, duration: float) -> None:
     rec = _record_of(task, status, duration, _Retries(request))
     node = str(request.hostname)
     runtime.record_task(rec, cumulative=_counters_of(node))
+
+
+@never_raises
+def _request_started(request: Any) -> None:
+    """A pool process accepted the request: its start, seen while it runs."""
+    task = request.task
+    if not _instrumented(task):
+        return
+    engine = runtime.get_engine()
+    if engine is None:
+        return
+    hard = request.time_limits[0] or task.time_limit or task.app.conf.task_time_limit
+    engine.record_start(
+        FRAMEWORK,
+        _flow(task),
+        str(task.name),
+        at=request.time_start or time.time(),
+        timeout=float(hard) if hard else None,
+    )
 
 
 class _Retries:

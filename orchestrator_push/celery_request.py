@@ -34,21 +34,23 @@ CHECKED = ("5.4", "5.5", "5.6", "5.7")
 _METHODS = ("on_accepted", "on_timeout", "on_failure")
 _originals: dict[str, Callable[..., Any]] = {}
 _on_end: Callable[[Any, str, float], None] | None = None
+_on_start: Callable[[Any], None] | None = None
 _lock = threading.Lock()
 _ended: OrderedDict[tuple[str, float], None] = OrderedDict()  # (task id, start) of reported ends
 _here = threading.local()  # .node: the node of the request this thread runs; .seen: see _lost
 
 
-def patch(on_end: Callable[[Any, str, float], None]) -> bool:
+def patch(on_end: Callable[[Any, str, float], None], on_start: Callable[[Any], None]) -> bool:
     """Wrap the methods (idempotent). False when this Celery's ``Request`` does
-    not have them (nothing is changed then)."""
-    global _on_end
+    not have them (nothing is changed then). ``on_start(request)`` is called
+    once a pool process accepted the request (its ``time_start`` is set)."""
+    global _on_end, _on_start
     from celery.worker import request as module
 
     cls = module.Request
     if not all(callable(getattr(cls, name, None)) for name in _METHODS):
         return False
-    _on_end = on_end
+    _on_end, _on_start = on_end, on_start
     if _originals:
         return True
     wrappers = {"on_accepted": _accepted, "on_timeout": _timeout, "on_failure": _failure}
@@ -60,13 +62,13 @@ def patch(on_end: Callable[[Any, str, float], None]) -> bool:
 
 
 def unpatch() -> None:
-    global _on_end
+    global _on_end, _on_start
     from celery.worker import request as module
 
     for name, original in _originals.items():
         setattr(module.Request, name, original)
     _originals.clear()
-    _on_end = None
+    _on_end = _on_start = None
 
 
 def current_node() -> str | None:
@@ -91,7 +93,12 @@ def saw(what: str) -> None:
 def _accepted(original: Callable[..., Any]) -> Callable[..., Any]:
     def on_accepted(self: Any, pid: Any, time_accepted: float) -> Any:
         _here.node = _hostname(self)
-        return original(self, pid, time_accepted)
+        try:
+            return original(self, pid, time_accepted)
+        finally:
+            on_start = _on_start
+            if on_start is not None:
+                on_start(self)
 
     return on_accepted
 

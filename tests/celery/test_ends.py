@@ -129,4 +129,5 @@ def test_a_per_call_hard_time_limit_is_the_attempts_duration(
     settle(pushgateway, {"failed": 1.0}, worker)
     g = pushgateway.group(job="celery", flow="shop", task="shop.sleep")
     assert g.value(f"{NS}_task_last_duration_seconds") == 2.0
+    assert g.value(f"{NS}_task_timeout_seconds") == 2.0  # the request's, pushed at its start
     assert g.value(f"{NS}_task_last_status", status="failed") == 1

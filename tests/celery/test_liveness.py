@@ -71,6 +71,10 @@ def test_attempts_in_progress_and_the_oldest_start_match_celerys_own(
     assert len(starts) == 2
     assert node_value(pushgateway, "task_oldest_running_start_timestamp_seconds",
                       task="shop.sleep") == starts[0]
+    # the task's own group: the newest start, while both run (no completion yet)
+    g = pushgateway.group(job="celery", flow="shop", task="shop.sleep")
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds") == starts[1]
+    assert f"{NS}_task_last_completion_timestamp_seconds" not in g.metrics
     for r in results:
         wait_status(r, "SUCCESS", worker)
     wait_until(lambda: node_value(pushgateway, "tasks_running", task="shop.sleep") == 0, 20,
