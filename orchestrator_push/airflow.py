@@ -83,9 +83,47 @@ def _try_key(ti: Any) -> tuple[Any, ...]:
 
 @never_raises
 def _note_start(ti: Any) -> None:
+    """The try runs: remember when, and push its start (seen while it runs)."""
     if len(_STARTED) >= _STARTED_MAX:
         _STARTED.clear()
-    _STARTED[_try_key(ti)] = time.time()
+    now = time.time()
+    _STARTED[_try_key(ti)] = now
+    engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
+    if engine is None:
+        return
+    start = getattr(ti, "start_date", None)
+    task = getattr(ti, "task", None)
+    engine.record_start(
+        FRAMEWORK,
+        str(ti.dag_id),
+        str(ti.task_id),
+        at=start.timestamp() if start is not None else now,
+        timeout=_limit(getattr(task, "execution_timeout", None)),
+    )
+
+
+@never_raises
+def _note_dag_run_start(dag_run: Any) -> None:
+    engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
+    if engine is None:
+        return
+    start = getattr(dag_run, "start_date", None)
+    dag = getattr(dag_run, "dag", None)
+    engine.record_start(
+        FRAMEWORK,
+        str(dag_run.dag_id),
+        None,
+        at=start.timestamp() if start is not None else time.time(),
+        timeout=_limit(getattr(dag, "dagrun_timeout", None)),
+    )
+
+
+def _limit(value: Any) -> float | None:
+    """A timedelta (or seconds) limit in seconds; None when unset."""
+    if value is None:
+        return None
+    seconds = value.total_seconds() if hasattr(value, "total_seconds") else float(value)
+    return seconds if seconds > 0 else None
 
 
 def _task_record(ti: Any, status: str, started: float | None = None) -> TaskRecord:
@@ -197,6 +235,10 @@ class Listener:
     @hookimpl
     def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:
         _record_ti(task_instance, SKIPPED)
+
+    @hookimpl
+    def on_dag_run_running(self, dag_run: Any, msg: str) -> None:
+        _note_dag_run_start(dag_run)
 
     @hookimpl
     def on_dag_run_success(self, dag_run: Any, msg: str) -> None:

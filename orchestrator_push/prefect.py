@@ -121,7 +121,20 @@ def _seconds(delta: Any) -> float:
     return float(delta.total_seconds()) if delta is not None else 0.0
 
 
+def _started(state: Any, flow: str, task: str | None, timeout: Any) -> None:
+    """A run entered Running: its start, seen at the gateway while it runs."""
+    engine = runtime.get_engine()
+    if engine is None:
+        return
+    at = state.timestamp.timestamp() if state.timestamp else time.time()
+    limit = float(timeout) if timeout else None
+    engine.record_start(FRAMEWORK, flow, task, at=at, timeout=limit)
+
+
 def _record_task(engine: Any, state: Any) -> None:
+    if state.is_running():
+        _started(state, _current_flow_name(), str(engine.task.name), engine.task.timeout_seconds)
+        return
     status = _status(state)
     if status is None:
         return
@@ -155,6 +168,9 @@ def _current_flow_name() -> str:
 
 
 def _record_flow(engine: Any, state: Any) -> None:
+    if state.is_running():
+        _started(state, str(engine.flow.name), None, engine.flow.timeout_seconds)
+        return
     status = _status(state)
     if status is None or status == RETRY:
         return

@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -43,21 +44,26 @@ class Deployment:
         return subprocess.run([os.path.join(os.path.dirname(sys.executable), "airflow"), *args],
                               env=self.env, capture_output=True, text=True, timeout=120)
 
-    def trigger(self) -> str:
+    def trigger(self, dag_id: str = "e2e") -> str:
         if AIRFLOW_2:
             run_id = f"e2e_{time.time_ns()}"
-            p = self.cli("dags", "trigger", "e2e", "--run-id", run_id)
+            p = self.cli("dags", "trigger", dag_id, "--run-id", run_id)
             assert p.returncode == 0, p.stderr[-3000:]
             return run_id
-        return str(self.api("POST", "/dags/e2e/dagRuns", {"logical_date": None})["dag_run_id"])
+        return str(self.api("POST", f"/dags/{dag_id}/dagRuns",
+                            {"logical_date": None})["dag_run_id"])
+
+    def task_instances(self, run_id: str, dag_id: str = "e2e") -> dict[str, dict[str, Any]]:
+        """Airflow's own record of the run's task instances, by task id."""
+        if AIRFLOW_2:
+            p = self.cli("tasks", "states-for-dag-run", dag_id, run_id, "-o", "json")
+            assert p.returncode == 0, p.stderr[-3000:]
+            return {t["task_id"]: t for t in json.loads(p.stdout)}
+        ti = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {t["task_id"]: t for t in ti}
 
     def task_states(self, run_id: str) -> dict[str, str]:
-        if AIRFLOW_2:
-            p = self.cli("tasks", "states-for-dag-run", "e2e", run_id, "-o", "json")
-            assert p.returncode == 0, p.stderr[-3000:]
-            return {t["task_id"]: t["state"] for t in json.loads(p.stdout)}
-        ti = self.api("GET", f"/dags/e2e/dagRuns/{run_id}/taskInstances")["task_instances"]
-        return {t["task_id"]: t["state"] for t in ti}
+        return {k: t["state"] for k, t in self.task_instances(run_id).items()}
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         req = urllib.request.Request(
@@ -78,12 +84,12 @@ class Deployment:
                                      + self.log(args[0])[-3000:])
 
 
-def _dag_is_parsed(d: Deployment) -> bool:
+def _dag_is_parsed(d: Deployment, dag_id: str) -> bool:
     d.check_alive()
     if AIRFLOW_2:
-        return d.cli("dags", "details", "e2e").returncode == 0
+        return d.cli("dags", "details", dag_id).returncode == 0
     try:
-        d.api("GET", "/dags/e2e")
+        d.api("GET", f"/dags/{dag_id}")
         return True
     except OSError:
         return False
@@ -115,6 +121,7 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "ORCHESTRATOR_PUSH_URL": gateway_for_deployment.url,
+        "E2E_RELEASE": os.path.join(home, "release"),  # e2e_wait's task ends once it exists
     })
     subprocess.run([os.path.join(bindir, "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)
@@ -126,7 +133,9 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
                                       start_new_session=True))
     d = Deployment(home, port, env, procs)
     try:
-        wait_until(lambda: _dag_is_parsed(d), timeout=240, interval=1, what="DAG e2e parsed")
+        for dag_id in ("e2e", "e2e_wait"):
+            wait_until(lambda: _dag_is_parsed(d, dag_id), timeout=240, interval=1,  # noqa: B023
+                       what=f"DAG {dag_id} parsed")
         yield d
     finally:
         for proc in procs:  # each component and the workers it started
@@ -192,3 +201,43 @@ if not AIRFLOW_2:
         assert hello.value(f"{NS}_task_last_status", status="success") == 1
         assert hello.value(f"{NS}_task_last_status", status="failed") == 0
         assert gw.push_count() == pushes
+
+
+def _airflow_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
+        deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
+    gw = gateway_for_deployment
+    run_id = deployment.trigger("e2e_wait")
+
+    def value(name: str, **key: str) -> float | None:
+        try:
+            return gw.group(job="airflow", flow="e2e_wait", **key).value(f"{NS}_{name}")
+        except KeyError:
+            return None
+
+    def task_started() -> float | None:
+        deployment.check_alive()
+        return value("task_last_start_timestamp_seconds", task="wait")
+
+    start = wait_until(task_started, timeout=240, interval=0.5, what="the task's start")
+    # in progress: the task runner pushed its start while the task runs
+    task = gw.group(job="airflow", flow="e2e_wait", task="wait")
+    assert f"{NS}_task_last_completion_timestamp_seconds" not in task.metrics
+    assert task.value(f"{NS}_task_timeout_seconds", framework="airflow") == 600
+    flow_start = value("flow_last_start_timestamp_seconds")
+    assert flow_start is not None and flow_start <= start
+    assert value("flow_timeout_seconds") == 3600
+    assert value("flow_last_completion_timestamp_seconds") is None
+    ti = deployment.task_instances(run_id, "e2e_wait")["wait"]
+    assert ti["state"] == "running"
+    # Airflow 3's database keeps the start sent to its API, the runner its own
+    # (seconds apart, FIELD_NOTES); Airflow 2's are the same
+    assert abs(_airflow_time(ti["start_date"]) - start) <= 10
+    open(deployment.env["E2E_RELEASE"], "w").close()
+    wait_until(lambda: value("flow_last_completion_timestamp_seconds") is not None, timeout=240,
+               interval=0.5, what="the DAG run's end")
+    assert value("task_last_completion_timestamp_seconds", task="wait") >= start
+    assert value("task_last_start_timestamp_seconds", task="wait") == start
