@@ -150,8 +150,9 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
 
 
 def _flow_completed_at(gw: Pushgateway) -> float:
-    for g in gw.groups():
-        if g.labels == {"job": "airflow", "flow": "e2e"}:
+    for g in gw.groups():  # (a run in progress has its start and no completion yet)
+        if g.labels == {"job": "airflow", "flow": "e2e"} and \
+                f"{NS}_flow_last_completion_timestamp_seconds" in g.metrics:
             return g.value(f"{NS}_flow_last_completion_timestamp_seconds")
     return 0.0
 
