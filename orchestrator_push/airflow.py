@@ -108,13 +108,18 @@ def _note_dag_run_start(dag_run: Any) -> None:
     if engine is None:
         return
     start = getattr(dag_run, "start_date", None)
+    at = start.timestamp() if start is not None else time.time()
     dag = getattr(dag_run, "dag", None)
+    # when the run should have started: Airflow 3's run_after; Airflow 2's end
+    # of the data interval (a scheduled run starts once its interval is over)
+    due = getattr(dag_run, "run_after", None) or getattr(dag_run, "data_interval_end", None)
     engine.record_start(
         FRAMEWORK,
         str(dag_run.dag_id),
         None,
-        at=start.timestamp() if start is not None else time.time(),
+        at=at,
         timeout=_limit(getattr(dag, "dagrun_timeout", None)),
+        waited=max(at - due.timestamp(), 0.0) if due is not None else None,
     )
 
 

@@ -150,11 +150,14 @@ class Engine:
         *,
         at: float | None = None,
         timeout: float | None = None,
+        waited: float | None = None,
     ) -> None:
         """An attempt of ``task`` (or a run of ``flow`` when ``task`` is None)
         started (``at``, default now; ``timeout``: its time limit in seconds, if
-        the framework sets one). Pushed within one interval, while it runs; a
-        start and end within one interval share one push. Never raises."""
+        the framework sets one; ``waited``: how long a task waited to start after
+        it was ready, or how late a flow run started after its schedule). Pushed
+        within one interval, while it runs; a start and end within one interval
+        share one push. Never raises."""
         try:
             if not self.config.enabled or self._closed:
                 return
@@ -164,7 +167,7 @@ class Engine:
             if start - start != 0.0:
                 return
             with self._lock:
-                ok = self._table.start(framework, flow, task, start, timeout)
+                ok = self._table.start(framework, flow, task, start, timeout, waited)
             self._after_record(ok)
         except Exception:
             warn_limited("start", "orchestrator_push: could not record a start")

@@ -121,19 +121,29 @@ def _seconds(delta: Any) -> float:
     return float(delta.total_seconds()) if delta is not None else 0.0
 
 
-def _started(state: Any, flow: str, task: str | None, timeout: Any) -> None:
-    """A run entered Running: its start, seen at the gateway while it runs."""
+def _started(state: Any, run: Any, flow: str, task: str | None, timeout: Any) -> None:
+    """A run entered Running: its start, seen at the gateway while it runs, and
+    how long after its expected start time (a task: its queue wait; a flow run
+    of a deployment: its lateness)."""
     engine = runtime.get_engine()
     if engine is None:
         return
     at = state.timestamp.timestamp() if state.timestamp else time.time()
     limit = float(timeout) if timeout else None
-    engine.record_start(FRAMEWORK, flow, task, at=at, timeout=limit)
+    expected = getattr(run, "expected_start_time", None)
+    waited = max(at - expected.timestamp(), 0.0) if expected is not None else None
+    engine.record_start(FRAMEWORK, flow, task, at=at, timeout=limit, waited=waited)
 
 
 def _record_task(engine: Any, state: Any) -> None:
     if state.is_running():
-        _started(state, _current_flow_name(), str(engine.task.name), engine.task.timeout_seconds)
+        _started(
+            state,
+            engine.task_run,
+            _current_flow_name(),
+            str(engine.task.name),
+            engine.task.timeout_seconds,
+        )
         return
     status = _status(state)
     if status is None:
@@ -169,7 +179,7 @@ def _current_flow_name() -> str:
 
 def _record_flow(engine: Any, state: Any) -> None:
     if state.is_running():
-        _started(state, str(engine.flow.name), None, engine.flow.timeout_seconds)
+        _started(state, engine.flow_run, str(engine.flow.name), None, engine.flow.timeout_seconds)
         return
     status = _status(state)
     if status is None or status == RETRY:

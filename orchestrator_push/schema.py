@@ -86,7 +86,8 @@ _HELP = {
     "task_timeout_seconds": "Time limit of the task's attempts as set in the framework.",
     "flow_last_start_timestamp_seconds": "Unix time the last run of the flow started.",
     "flow_timeout_seconds": "Time limit of the flow's runs as set in the framework.",
-    "task_last_queued_duration_seconds": "Time the last finished attempt waited to start.",
+    "flow_last_start_delay_seconds": "How late the last flow run started after its schedule.",
+    "task_last_queued_duration_seconds": "Time the last attempt waited between ready and started.",
     "task_queued_seconds": "Time finished task attempts waited between being ready and starting.",
     "worker_up": "1 while the worker process runs, 0 once it shut down cleanly.",
     "worker_last_seen_timestamp_seconds": "Unix time of the worker process's latest push.",
@@ -207,12 +208,25 @@ def last_run_families(
 
 
 def start_families(
-    ns: str, kind: str, framework: str, started: float, timeout: float | None
+    ns: str,
+    kind: str,
+    framework: str,
+    started: float,
+    timeout: float | None,
+    waited: float | None = None,
 ) -> list[Metric]:
-    """An attempt (``kind`` "task") or run ("flow") in progress since ``started``."""
+    """An attempt (``kind`` "task") or run ("flow") in progress since ``started``;
+    ``waited``: a task's queue wait, a flow run's delay after its scheduled start."""
     fams: list[Metric] = [_gauge(ns, f"{kind}_last_start_timestamp_seconds", started, framework)]
     if timeout is not None and 0.0 < timeout < _INF:
         fams.append(_gauge(ns, f"{kind}_timeout_seconds", timeout, framework))
+    if waited is not None and 0.0 <= waited < _INF:
+        name = (
+            "task_last_queued_duration_seconds"
+            if kind == "task"
+            else "flow_last_start_delay_seconds"
+        )
+        fams.append(_gauge(ns, name, waited, framework))
     return fams
 
 

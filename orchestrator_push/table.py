@@ -103,6 +103,7 @@ class Group:
         "started",
         "success_at",
         "timeout",
+        "waited",
     )
 
     def __init__(self, kind: GroupKind, key: GroupKey, framework: str) -> None:
@@ -123,6 +124,7 @@ class Group:
         # Not yet sent: the start of the newest attempt in progress, and its time limit.
         self.started: float | None = None
         self.timeout: float | None = None
+        self.waited: float | None = None  # ready (or due) to start, in seconds
         self.newest_start = _NEVER
         self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
         self.node: Node | None = None  # counters groups of long-lived processes
@@ -177,14 +179,14 @@ class Group:
         )
         if self.started is not None:
             fams += schema.start_families(
-                ns, self.kind.value, self.framework, self.started, self.timeout
+                ns, self.kind.value, self.framework, self.started, self.timeout, self.waited
             )
         return fams
 
-    def start(self, at: float, timeout: float | None) -> None:
+    def start(self, at: float, timeout: float | None, waited: float | None = None) -> None:
         if at >= self.newest_start:
             self.newest_start = self.started = at
-            self.timeout = timeout
+            self.timeout, self.waited = timeout, waited
 
     def entry(self, ns: str) -> Entry:
         """The spool's copy of what is pending here."""
@@ -277,7 +279,13 @@ class Table:
         return True
 
     def start(
-        self, framework: str, flow: str, task: str | None, at: float, timeout: float | None
+        self,
+        framework: str,
+        flow: str,
+        task: str | None,
+        at: float,
+        timeout: float | None,
+        waited: float | None = None,
     ) -> bool:
         """An attempt of ``task`` (or, with None, a run of ``flow``) started at
         ``at``: due for a push while it runs. Not a record: it is not counted and
@@ -290,7 +298,7 @@ class Table:
             g = self._lookup_names(framework, flow, task)
             if g is None:
                 return False
-        g.start(at, timeout)
+        g.start(at, timeout, waited)
         self._mark(g)
         return True
 

@@ -237,6 +237,13 @@ def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
     # Airflow 3's database keeps the start sent to its API, the runner its own
     # (seconds apart, FIELD_NOTES); Airflow 2's are the same
     assert abs(_airflow_time(ti["start_date"]) - start) <= 10
+    delay = value("flow_last_start_delay_seconds")
+    if AIRFLOW_2:  # a manual run: its data interval ends at its logical date (the trigger)
+        assert delay is not None and 0 <= delay < 240
+    else:  # Airflow's own record: the run's start after its run_after
+        run = deployment.api("GET", f"/dags/e2e_wait/dagRuns/{run_id}")
+        assert delay == pytest.approx(
+            _airflow_time(run["start_date"]) - _airflow_time(run["run_after"]), abs=1e-3)
     open(deployment.env["E2E_RELEASE"], "w").close()
     wait_until(lambda: value("flow_last_completion_timestamp_seconds") is not None, timeout=240,
                interval=0.5, what="the DAG run's end")

@@ -123,16 +123,18 @@ def test_queue_wait_is_the_last_attempts_gauge_and_a_per_node_histogram(
 def test_a_start_is_pushed_while_the_attempt_runs_and_its_end_follows(
         pushgateway: Pushgateway) -> None:
     e = engine_for(pushgateway.url)
-    e.record_start("exec", "backup", "dump", at=1_700_000_000.0, timeout=3600)
-    e.record_start("exec", "backup", None, at=1_699_999_999.0)
+    e.record_start("exec", "backup", "dump", at=1_700_000_000.0, timeout=3600, waited=2.5)
+    e.record_start("exec", "backup", None, at=1_699_999_999.0, waited=30.0)
     assert e.flush(10)
     g = pushgateway.group(job="exec", flow="backup", task="dump")
     assert g.value(f"{NS}_task_last_start_timestamp_seconds", framework="exec") == 1_700_000_000.0
     assert g.value(f"{NS}_task_timeout_seconds") == 3600
+    assert g.value(f"{NS}_task_last_queued_duration_seconds") == 2.5
     assert f"{NS}_task_last_completion_timestamp_seconds" not in g.metrics  # in progress
     f = pushgateway.group(job="exec", flow="backup")
     assert f.value(f"{NS}_flow_last_start_timestamp_seconds") == 1_699_999_999.0
     assert f"{NS}_flow_timeout_seconds" not in f.metrics
+    assert f.value(f"{NS}_flow_last_start_delay_seconds") == 30.0
     e.record_task(TaskRecord("exec", "backup", "dump", "success", 1_700_000_050.0, 50.0))
     # an older start reported late never hides the newer one
     e.record_start("exec", "backup", "dump", at=1_600_000_000.0)

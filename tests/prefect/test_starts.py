@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from gateway import Pushgateway, wait_until
 
 NS = "orchestrator"
@@ -35,7 +36,9 @@ SCRIPT = textwrap.dedent("""
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(state.state_details.flow_run_id)
             task_run = client.read_task_runs()[0]
-        print("starts", run.start_time.timestamp(), task_run.start_time.timestamp(), flush=True)
+        print("starts", run.start_time.timestamp(), task_run.start_time.timestamp(),
+              run.expected_start_time.timestamp(), task_run.expected_start_time.timestamp(),
+              flush=True)
 """)
 
 
@@ -83,10 +86,14 @@ def test_starts_are_pushed_while_the_runs_are_in_progress(pushgateway: Pushgatew
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
     line = next(x for x in out.splitlines() if x.startswith("starts "))
-    prefect_flow_start, prefect_task_start = (float(x) for x in line.split()[1:])
-    # Prefect's own record of when the runs started (its API)
-    assert flow_start == prefect_flow_start
-    assert task_start == prefect_task_start
+    flow_started, task_started, flow_expected, task_expected = (float(x) for x in line.split()[1:])
+    # Prefect's own record of when the runs started and were expected to (its API)
+    assert flow_start == flow_started
+    assert task_start == task_started
+    assert value(pushgateway, "flow_last_start_delay_seconds") == pytest.approx(
+        flow_started - flow_expected, abs=1e-6)
+    assert value(pushgateway, "task_last_queued_duration_seconds", task="wait") == pytest.approx(
+        task_started - task_expected, abs=1e-6)
     assert value(pushgateway, "task_last_completion_timestamp_seconds", task="wait") > task_start
     assert value(pushgateway, "flow_last_completion_timestamp_seconds") > flow_start
 
