@@ -7,7 +7,7 @@ import signal
 import time
 
 from celery import Celery
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from orchestrator_push.celery import instrument
 
@@ -98,3 +98,13 @@ def timed_out_redelivered(self) -> str:  # type: ignore[no-untyped-def]
     if _times(self.request.id) <= 4:  # the first four deliveries hit the hard limit
         time.sleep(30)
     return "ok"
+
+
+@app.task(name="shop.ignored")
+def ignored() -> None:
+    raise Ignore()
+
+
+@app.task(name="shop.replaced", bind=True)
+def replaced(self) -> None:  # type: ignore[no-untyped-def]
+    raise self.replace(ok.s(5))

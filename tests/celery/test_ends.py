@@ -131,3 +131,17 @@ def test_a_per_call_hard_time_limit_is_the_attempts_duration(
     assert g.value(f"{NS}_task_last_duration_seconds") == 2.0
     assert g.value(f"{NS}_task_timeout_seconds") == 2.0  # the request's, pushed at its start
     assert g.value(f"{NS}_task_last_status", status="failed") == 1
+
+
+def test_ignore_and_replace_count_the_attempt_that_ran(
+        pushgateway: Pushgateway, app, start_worker) -> None:
+    worker = start_worker(pushgateway.url, "--pool", "solo")
+    app.ignored.delay()
+    r = app.replaced.delay()
+    # the replacement (shop.ok) stores its result under the replaced task's id
+    assert wait_status(r, "SUCCESS", worker)["result"] == 5
+    wait_until(lambda: pushgateway.runs_by_status("shop.ignored") == {"success": 1.0}, 30,
+               what="the ignored attempt")
+    assert pushgateway.runs_by_status("shop.replaced") == {"success": 1.0}
+    settle(pushgateway, {"success": 3.0}, worker)  # ignored, replaced, and its replacement ok
+    assert pushgateway.runs_by_status("shop.ok") == {"success": 1.0}
