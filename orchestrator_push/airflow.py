@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -121,6 +123,38 @@ def _note_dag_run_start(dag_run: Any) -> None:
         timeout=_limit(getattr(dag, "dagrun_timeout", None)),
         waited=max(at - due.timestamp(), 0.0) if due is not None else None,
     )
+
+
+ROLE = "airflow-scheduler"
+_scheduler: tuple[tuple[str, str], ...] | None = None  # this process's node group, if a scheduler
+
+
+def _is_scheduler(component: Any) -> bool:
+    """A scheduler's Job. Airflow calls ``on_starting`` before it sets the job's
+    type, so the command line says (``airflow scheduler``, also under
+    ``airflow standalone``, the Helm chart and systemd units)."""
+    return hasattr(component, "job_type") and sys.argv[1:2] == ["scheduler"]
+
+
+@never_raises
+def _note_component_start(component: Any) -> None:
+    """The scheduler pushes its liveness in its own group (``instance`` = the
+    job's host name) every push interval."""
+    global _scheduler
+    if not _is_scheduler(component):
+        return
+    engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
+    if engine is None:
+        return
+    _scheduler = (("instance", str(getattr(component, "hostname", None) or socket.getfqdn())),)
+    engine.register_node(_scheduler, FRAMEWORK, ROLE)
+
+
+@never_raises
+def _note_component_stop(component: Any) -> None:
+    engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
+    if _scheduler is not None and engine is not None and _is_scheduler(component):
+        engine.node_down(_scheduler, FRAMEWORK)
 
 
 def _limit(value: Any) -> float | None:
@@ -254,8 +288,13 @@ class Listener:
         _record_dag_run(dag_run, FAILED)
 
     @hookimpl
+    def on_starting(self, component: Any) -> None:
+        _note_component_start(component)
+
+    @hookimpl
     def before_stopping(self, component: Any) -> None:
-        # The task runner exits right after this: deliver now, bounded.
+        # The task runner (or the scheduler) exits right after this: deliver now, bounded.
+        _note_component_stop(component)
         runtime.flush_at_exit()
 
 

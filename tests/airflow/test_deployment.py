@@ -249,3 +249,27 @@ def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
                interval=0.5, what="the DAG run's end")
     assert value("task_last_completion_timestamp_seconds", task="wait") >= start
     assert value("task_last_start_timestamp_seconds", task="wait") == start
+
+
+def test_the_scheduler_pushes_its_liveness(deployment: Deployment,
+                                           gateway_for_deployment: Pushgateway) -> None:
+    gw = gateway_for_deployment
+
+    def seen() -> float | None:
+        deployment.check_alive()
+        for g in gw.groups():
+            if g.labels.get("job") == "airflow" and "instance" in g.labels:
+                return g.value(f"{NS}_worker_last_seen_timestamp_seconds", role="airflow-scheduler")
+        return None
+
+    first = wait_until(seen, timeout=60, interval=0.5, what="the scheduler's liveness")
+    node = next(g for g in gw.groups() if g.labels.get("job") == "airflow" and "instance" in g.labels)
+    assert node.value(f"{NS}_worker_up", framework="airflow", role="airflow-scheduler") == 1
+    # the host name Airflow itself records for the scheduler's job
+    if AIRFLOW_2:
+        from airflow.utils.net import get_hostname
+        assert node.labels["instance"] == get_hostname()
+    else:
+        jobs = deployment.api("GET", "/jobs?job_type=SchedulerJob&is_alive=true")["jobs"]
+        assert node.labels["instance"] in {j["hostname"] for j in jobs}
+    wait_until(lambda: (seen() or 0) > first, timeout=30, interval=0.5, what="a later heartbeat")
