@@ -17,6 +17,8 @@ except ImportError:  # Airflow 2.10
 
 def _wait() -> None:
     release = os.environ["E2E_RELEASE"]
+    with open(release + ".pid", "w") as f:  # for the test that kills this process
+        f.write(str(os.getpid()))
     deadline = time.monotonic() + 300
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.2)
