@@ -225,6 +225,10 @@ EXPECTED_PANELS: dict[str, Any] = {
     # every run of the demo finished
     "Tasks in progress now (age)": lambda res: res == [],
     "Flows in progress now (age)": lambda res: res == [],
+    # Celery (instrumented publisher) and Prefect tasks know their queue wait
+    "Task queue wait (last attempt)": lambda res: {("shop", "shop.charge"),
+        ("daily-etl", "extract")} <= tuples(res, "flow", "task"),
+    "Flow start delay (last run)": lambda res: ("daily-etl",) in tuples(res, "flow"),
     # send.py calls instrument(app): its messages carry the publish time
     "Celery p95 queue wait by task": lambda res:
         tuples(res, "task") == {("shop.charge",), ("shop.ship",), ("shop.refund",)},
