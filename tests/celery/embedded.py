@@ -1,7 +1,8 @@
-"""Two embedded worker nodes in one process, as Celery's pytest fixtures start them.
+"""An embedded worker node, as Celery's pytest fixtures start one
+(`celery.contrib.testing.worker.start_worker`).
 
-Usage: python embedded.py N POOL. Runs N tasks over both nodes, waits for
-Celery's record of each, flushes and prints the task ids that finished.
+Usage: python embedded.py NODE N POOL. Starts node NODE, publishes N tasks,
+waits for Celery's record of each (whichever node ran it), flushes, exits.
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ import orchestrator_push
 
 
 def main() -> None:
-    n, pool = int(sys.argv[1]), sys.argv[2]
+    node, n, pool = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     app = celeryapp.app
     client = redis.Redis.from_url(celeryapp.broker)
-    names = iter(["e1@box", "e2@box"])
     kw: dict[str, str] = {}
     if 'kwargs.pop("hostname"' in inspect.getsource(testing._start_worker_thread):
-        kw = {"hostname": "e1@box"}
-    else:  # Celery 5.4 names every embedded node gen<pid>@host: give them names
-        testing.anon_nodename = lambda *a, **k: next(names)
-    with start_worker(app, pool=pool, perform_ping_check=False, **kw), \
-            start_worker(app, pool=pool, perform_ping_check=False,
-                         **({"hostname": "e2@box"} if kw else {})):
-        results = [celeryapp.sleep.delay(0.1) for _ in range(n)]
-        deadline = time.monotonic() + 60
+        kw = {"hostname": node}
+    else:  # Celery 5.4 names every embedded node gen<pid>@host: name it
+        testing.anon_nodename = lambda *a, **k: node
+    with start_worker(app, pool=pool, perform_ping_check=False, shutdown_timeout=90, **kw):
+        results = [celeryapp.sleep.delay(0.05) for _ in range(n)]
+        deadline = time.monotonic() + 90
         while not all(client.get(f"celery-task-meta-{r.id}") for r in results):
             if time.monotonic() > deadline:
                 raise SystemExit("tasks did not finish")
