@@ -235,7 +235,7 @@ def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
     ti = deployment.task_instances(run_id, "e2e_wait")["wait"]
     assert ti["state"] == "running"
     # Airflow 3's database keeps the start sent to its API, the runner its own
-    # (seconds apart, FIELD_NOTES); Airflow 2's are the same
+    # (seconds apart on 3.3); Airflow 2's are the same
     assert abs(_airflow_time(ti["start_date"]) - start) <= 10
     delay = value("flow_last_start_delay_seconds")
     if AIRFLOW_2:  # a manual run: its data interval ends at its logical date (the trigger)
