@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from .config import Config
 from .ledger import Ledger, Loss, Stats
-from .logs import log, warn_limited
+from .logs import emit, warn_limited
 from .records import FlowRecord, TaskRecord
 from .replayer import Replayer
 from .schema import GroupKey, GroupKind, Running
@@ -256,7 +256,8 @@ class Engine:
         self._ledger.lose(Loss.TOO_MANY_GROUPS)
         if not self._warned_cap:  # once: the pushed count says the rest
             self._warned_cap = True
-            log.warning(
+            emit(
+                logging.WARNING,
                 "orchestrator_push: more than %d groups in this process, none of them "
                 "delivered yet (ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones "
                 "(counted in orchestrator_push_records_dropped_total"
@@ -368,7 +369,8 @@ class Engine:
                 self._table.commit(snap)
             left = self._table.pending()
         if keep and ok:
-            log.warning(
+            emit(
+                logging.WARNING,
                 "orchestrator_push: %s unreachable; %d records spooled to %s for the next "
                 "process that reaches it",
                 self.config.url,

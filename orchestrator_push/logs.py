@@ -27,6 +27,41 @@ def _new_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 _last: dict[str, tuple[float, int]] = {}  # key -> (last time logged, suppressed since)
 
+# Our threads log (a gateway that is down) while the framework forks (Celery's
+# pool). A fork in the middle of a write would leave the child a stream whose
+# internal lock is held by a thread it does not have, and its next log line
+# would hang. So a fork waits (at most a second) for a log call of ours to end.
+_writing = threading.RLock()
+_held_for_fork = False
+
+
+def _before_fork() -> None:
+    global _held_for_fork
+    _held_for_fork = _writing.acquire(timeout=1.0)
+
+
+def _after_fork_in_parent() -> None:
+    global _held_for_fork
+    if _held_for_fork:
+        _held_for_fork = False
+        _writing.release()
+
+
+def _after_fork_in_child() -> None:
+    global _writing, _held_for_fork
+    _writing, _held_for_fork = threading.RLock(), False
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
+
+
+def emit(level: int, msg: str, *args: object) -> None:
+    """Log one line of ours; a fork does not start in the middle of it."""
+    with _writing:
+        log.log(level, msg, *args)
+
 
 def warn_limited(key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
     """Log at most once per minute per ``key``, saying how many were held back."""
@@ -40,7 +75,7 @@ def warn_limited(key: str, msg: str, *args: object, level: int = logging.WARNING
     if suppressed:
         msg += " (%d similar messages suppressed)"
         args = (*args, suppressed)
-    log.log(level, msg, *args)
+    emit(level, msg, *args)
 
 
 def never_raises(fn: Callable[P, None]) -> Callable[P, None]:

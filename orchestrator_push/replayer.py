@@ -24,7 +24,7 @@ from . import schema
 from .config import Config
 from .groups import GatewayError, GroupInfo, parse_groups, read_json
 from .ledger import Ledger, Loss
-from .logs import log, warn_limited
+from .logs import emit, warn_limited
 from .schema import GroupKey, GroupKind
 from .sender import Action, policy
 from .spool import Entry, Spool
@@ -136,7 +136,12 @@ class Replayer:
         for path, _ in claimed:
             self.spool.done(path)
         self._ledger.replayed(delivered)
-        log.info("orchestrator_push: replayed %d spool files to %s", len(claimed), self._config.url)
+        emit(
+            logging.INFO,
+            "orchestrator_push: replayed %d spool files to %s",
+            len(claimed),
+            self._config.url,
+        )
         return PassResult(len(claimed), True, False)
 
     def _release(self, claimed: list[tuple[str, list[Entry]]]) -> PassResult:

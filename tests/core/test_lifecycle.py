@@ -100,3 +100,40 @@ def test_a_short_lived_process_replays_earlier_spool_while_it_works(
     assert pushgateway.group(job="exec", flow="earlier", task="t").value(
         f"{NS}_task_last_completion_timestamp_seconds") == 100.0
     assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_fork_waits_for_a_log_line_of_ours_being_written() -> None:
+    """A child forked in the middle of one of our log writes would inherit the
+    stream's lock held by a thread it does not have, and hang at its next line."""
+    import logging
+    import threading
+    import time
+
+    from orchestrator_push import logs
+
+    entered, done = threading.Event(), threading.Event()
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            time.sleep(0.3)  # a write to a slow stream
+            done.set()
+
+    handler = Slow()
+    logs.log.addHandler(handler)
+    try:
+        t = threading.Thread(target=logs.emit, args=(logging.WARNING, "orchestrator_push: slow"))
+        t.start()
+        assert entered.wait(10)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: was the line written before the fork?
+            os.write(w, b"1" if done.is_set() else b"0")
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        os.waitpid(pid, 0)
+        t.join(10)
+    finally:
+        logs.log.removeHandler(handler)
