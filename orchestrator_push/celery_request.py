@@ -83,7 +83,7 @@ def forget_node() -> None:
 
 
 def saw(what: str) -> None:
-    """Celery sent ``task_failure`` ("failed") or ``task_retry`` ("retry"): noted
+    """Celery sent ``task_failure`` (FAILED) or ``task_retry`` (RETRY): noted
     when it comes from inside a wrapped ``on_failure``."""
     seen = getattr(_here, "seen", None)
     if seen is not None:
@@ -133,15 +133,16 @@ def _failure(original: Callable[..., Any]) -> Callable[..., Any]:
 @never_raises
 def _lost(request: Any, exc: BaseException, seen: list[str]) -> None:
     """What Celery made of an attempt whose pool process is gone."""
-    if "retry" in seen:  # retry_on_worker_lost
+    timed_out = type(exc).__name__ == "TimeLimitExceeded"
+    if RETRY in seen:  # retry_on_worker_lost
         status = RETRY
-    elif "failed" in seen or type(exc).__name__ == "TimeLimitExceeded":
+    elif FAILED in seen or timed_out:
         status = FAILED
     elif request.task.acks_late and request.task.reject_on_worker_lost:
         status = RETRY  # requeued: it runs again, like a retry
     else:
         return  # Celery found its success stored: the pool process reported it
-    if type(exc).__name__ == "TimeLimitExceeded":
+    if timed_out:
         duration = float(exc.args[0]) if exc.args else 0.0
     else:
         start = request.time_start

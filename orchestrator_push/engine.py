@@ -48,6 +48,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _key(labels: Mapping[str, str] | tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A counters group's extra grouping labels as the table indexes them."""
+    return labels if isinstance(labels, tuple) else tuple(labels.items())
+
+
 class Engine:
     """One per process is the norm (see :func:`orchestrator_push.configure`)."""
 
@@ -118,10 +123,7 @@ class Engine:
             admitted = self._admit(rec)
             if admitted is None:
                 return
-            if cumulative is None or isinstance(cumulative, tuple):
-                counters = cumulative
-            else:
-                counters = tuple(cumulative.items())
+            counters = None if cumulative is None else _key(cumulative)
             with self._lock:
                 ok = self._table.fold_task(admitted, counters)
                 self._ledger.recorded()
@@ -187,9 +189,8 @@ class Engine:
         try:
             if not self.config.enabled or self._closed:
                 return
-            key = counters if isinstance(counters, tuple) else tuple(counters.items())
             with self._lock:
-                ok = self._table.node(framework, key, Node(role, running), time.time())
+                ok = self._table.node(framework, _key(counters), Node(role, running), time.time())
             self._after_record(ok)
         except Exception:
             warn_limited(
@@ -201,9 +202,8 @@ class Engine:
     ) -> None:
         """A clean shutdown: the node's next push says ``worker_up`` 0 (flush to send it)."""
         try:
-            key = counters if isinstance(counters, tuple) else tuple(counters.items())
             with self._lock:
-                self._table.node_down(framework, key, time.time())
+                self._table.node_down(framework, _key(counters), time.time())
         except Exception:
             warn_limited(
                 "node", "orchestrator_push: could not mark the node down", level=logging.ERROR
