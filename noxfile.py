@@ -56,9 +56,10 @@ def celery_green(session: nox.Session, pool: str) -> None:
 
 
 @nox.session
-@nox.parametrize(("python", "prefect"), [("3.11", "3.9"), ("3.12", "3.9")])
+@nox.parametrize(("python", "prefect"), [("3.11", "3.8"), ("3.11", "3.9"), ("3.12", "3.9")])
 def prefect(session: nox.Session, prefect: str) -> None:
-    """Real flows on Prefect's ephemeral API server."""
+    """Real flows on Prefect's ephemeral API server, and deployments on a real
+    `prefect server` with a real process worker."""
     session.install("-e", ".[dev]", f"prefect=={prefect}.*")
     session.env.update({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})

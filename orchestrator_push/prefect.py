@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import runtime
+from . import prefect_runner, runtime
 from .logs import warn_limited
 from .records import CANCELLED, CRASHED, FAILED, RETRY, SUCCESS, FlowRecord, TaskRecord
 
@@ -62,6 +62,7 @@ def instrument() -> None:
                 original = cls.call_hooks
                 _originals[(cls, "call_hooks")] = original
                 setattr(cls, "call_hooks", _wrap(original, kind))  # noqa: B010
+        prefect_runner.patch()
 
 
 def uninstrument() -> None:
@@ -70,6 +71,7 @@ def uninstrument() -> None:
         for (cls, name), original in _originals.items():
             setattr(cls, name, original)
         _originals.clear()
+        prefect_runner.unpatch()
 
 
 def _wrap(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
@@ -201,3 +203,7 @@ def _record_flow(engine: Any, state: Any) -> None:
             duration=max(duration, 0.0),
         )
     )
+    if status in (CRASHED, CANCELLED):
+        # Prefect re-kills a process it stopped with SIGTERM once the state is
+        # set: no exit hook would run.
+        runtime.flush()

@@ -1,0 +1,296 @@
+"""End to end with a real deployment: `prefect server start`, a process work
+pool, `prefect worker start` with the plugin (`PREFECT_PLUGINS_ENABLED=1`), and
+flows deployed from source. Each flow run is a subprocess of the worker.
+
+Values at the gateway are compared with Prefect's own record of the run, read
+from its API: states set by the worker (a process that exits non-zero, is
+SIGKILLed, a cancel through the API) are reported by the worker, a SIGTERM by
+the flow-run process before Prefect re-kills it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gateway import Pushgateway, free_port, running, wait_until
+
+NS = "orchestrator"
+FLOWS = os.path.join(os.path.dirname(__file__), "deployed")
+POOL = "orchestrator-tests"
+WORKER = "orchestrator-test-worker"
+DEPLOYMENTS = {
+    "deployed-ok": "deployed_ok",
+    "deployed-exit": "deployed_exit",
+    "deployed-kill": "deployed_kill",
+    "deployed-term": "deployed_term",
+    "deployed-cancel": "deployed_cancel",
+}
+SETUP = textwrap.dedent("""
+    import sys
+    from prefect import flow, get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=sys.argv[1], type="process"))
+    for name, attr in (pair.split("=") for pair in sys.argv[3:]):
+        flow.from_source(source=sys.argv[2], entrypoint=f"deployed_flows.py:{attr}").deploy(
+            name="d", work_pool_name=sys.argv[1], print_next_steps=False)
+""")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Deployment:
+    def __init__(self, api: str, env: dict[str, str], gw: Pushgateway, tmp: str) -> None:
+        self.api, self.env, self.gw, self.tmp = api, env, gw, tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        with open(os.path.join(self.tmp, log), "wb") as out:
+            proc = subprocess.Popen(
+                [os.path.join(os.path.dirname(sys.executable), "prefect"), *args],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.tmp, name), errors="replace") as f:
+            return f.read()[-4000:]
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[Any]:
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api}), \
+                get_client(sync_client=True) as client:
+            yield client
+
+    def run(self, flow: str, **parameters: Any) -> Any:
+        """A new flow run of the flow's deployment; its id."""
+        with self.client() as client:
+            deployment = client.read_deployment_by_name(f"{flow}/d")
+            return client.create_flow_run_from_deployment(deployment.id,
+                                                          parameters=parameters).id
+
+    def read(self, run_id: Any) -> Any:
+        with self.client() as client:
+            return client.read_flow_run(run_id)
+
+    def final(self, run_id: Any) -> Any:
+        """The run once Prefect says it is final."""
+        def done() -> Any:
+            run = self.read(run_id)
+            return run if run.state is not None and run.state.is_final() else None
+
+        return wait_until(done, 180, interval=0.25,
+                          what=f"a final state; worker log:\n{self.log('worker.log')}")
+
+    def value(self, name: str, flow: str, task: str | None = None, **labels: str) -> float | None:
+        key = {"job": "prefect", "flow": flow, **({"task": task} if task else {})}
+        try:
+            return self.gw.group(**key).value(f"{NS}_{name}", **labels)
+        except KeyError:
+            return None
+
+    def wait_value(self, name: str, flow: str, task: str | None = None,
+                   expect: float | None = None, **labels: str) -> float:
+        def seen() -> float | None:
+            v = self.value(name, flow, task, **labels)
+            return v if v is not None and (expect is None or v == expect) else None
+
+        return float(wait_until(seen, 60, interval=0.1, what=f"{name} of {flow}"))
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        gw = stack.enter_context(contextlib.contextmanager(running)())
+        port = free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_", "ORCHESTRATOR_PUSH_"))}
+        env.update({
+            "PREFECT_HOME": os.path.join(tmp, "prefect"),
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_PLUGINS_ENABLED": "1",
+            "ORCHESTRATOR_PUSH_URL": gw.url,
+            "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
+            "XDG_CACHE_HOME": os.path.join(tmp, "cache"),
+        })
+        d = Deployment(api, env, gw, tmp)
+        stack.callback(d.stop)
+        server = d.start("server", "start", log="server.log")
+
+        def healthy() -> bool:
+            assert server.poll() is None, d.log("server.log")
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_until(healthy, 120, interval=0.5, what="the Prefect server")
+        setup = subprocess.run(
+            [sys.executable, "-c", SETUP, POOL, FLOWS,
+             *(f"{k}={v}" for k, v in DEPLOYMENTS.items())],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stderr[-3000:]
+        d.start("worker", "start", "--pool", POOL, "--name", WORKER, log="worker.log")
+        yield d
+
+
+def worker_value(d: Deployment, name: str, worker: str = WORKER) -> float | None:
+    try:
+        return d.gw.group(job="prefect", instance=worker).value(
+            f"{NS}_{name}", framework="prefect", role="prefect-worker")
+    except KeyError:
+        return None
+
+
+def released(d: Deployment) -> tuple[str, str]:
+    """A path for a `hold` task to wait for, and where it says its pid."""
+    path = os.path.join(d.tmp, uuid.uuid4().hex)
+    return path, path + ".pid"
+
+
+def hold_pid(pid_file: str) -> int:
+    def written() -> int | None:
+        try:
+            with open(pid_file) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    return int(wait_until(written, 180, interval=0.1, what="the flow-run process"))
+
+
+def assert_final(d: Deployment, flow: str, run: Any, status: str) -> None:
+    """The gateway has the run's final state with Prefect's own end time."""
+    end = run.state.timestamp.timestamp()
+    d.wait_value("flow_last_completion_timestamp_seconds", flow, expect=end)
+    for s in ("success", "failed", "crashed", "cancelled", "retry"):
+        assert d.value("flow_last_status", flow, status=s) == (1 if s == status else 0), s
+    assert d.value("flow_last_duration_seconds", flow) == pytest.approx(
+        end - run.start_time.timestamp(), abs=1e-5)
+    if status in ("failed", "crashed"):
+        assert d.value("flow_last_failure_timestamp_seconds", flow) == end
+
+
+def assert_in_progress(d: Deployment, flow: str, run_id: Any) -> None:
+    """The flow run's and its `hold` task's starts are at the gateway while
+    they run, with their time limits, and no completion."""
+    run = d.read(run_id)
+    d.wait_value("flow_last_start_timestamp_seconds", flow, expect=run.start_time.timestamp())
+    d.wait_value("task_last_start_timestamp_seconds", flow, "hold")
+    assert d.value("task_timeout_seconds", flow, "hold") == 600
+    assert d.value("flow_timeout_seconds", flow) == 3600
+    assert d.value("flow_last_completion_timestamp_seconds", flow) is None
+    assert d.value("task_last_completion_timestamp_seconds", flow, "hold") is None
+
+
+def test_the_worker_pushes_its_liveness(deployment: Deployment) -> None:
+    first = wait_until(lambda: worker_value(deployment, "worker_last_seen_timestamp_seconds"),
+                       120, interval=0.1, what="the worker's liveness")
+    assert worker_value(deployment, "worker_up") == 1
+    wait_until(lambda: (worker_value(deployment, "worker_last_seen_timestamp_seconds") or 0)
+               > first, 10, interval=0.1, what="a newer last-seen time")
+
+
+def test_a_deployment_run_reports_its_lateness(deployment: Deployment) -> None:
+    run = deployment.final(deployment.run("deployed-ok"))
+    assert run.state.is_completed()
+    assert_final(deployment, "deployed-ok", run, "success")
+    start = run.start_time.timestamp()
+    assert deployment.value("flow_last_start_timestamp_seconds", "deployed-ok") == start
+    assert deployment.value("flow_last_start_delay_seconds", "deployed-ok") == pytest.approx(
+        start - run.expected_start_time.timestamp(), abs=1e-3)
+
+
+def test_a_run_whose_process_exits_non_zero_is_crashed_by_the_worker(
+        deployment: Deployment) -> None:
+    run = deployment.final(deployment.run("deployed-exit"))
+    assert run.state.is_crashed() and "status code: 3" in run.state.message
+    assert_final(deployment, "deployed-exit", run, "crashed")
+
+
+def test_a_sigkilled_run_is_crashed_by_the_worker_and_its_task_stays_started(
+        deployment: Deployment) -> None:
+    path, pid_file = released(deployment)
+    run_id = deployment.run("deployed-kill", path=path)
+    pid = hold_pid(pid_file)
+    assert_in_progress(deployment, "deployed-kill", run_id)
+    task_start = deployment.value("task_last_start_timestamp_seconds", "deployed-kill", "hold")
+    os.kill(pid, signal.SIGKILL)
+    run = deployment.final(run_id)
+    assert run.state.is_crashed() and "-9" in run.state.message
+    assert_final(deployment, "deployed-kill", run, "crashed")
+    # The task attempt never ended: its start stays, without a completion.
+    assert deployment.value("task_last_start_timestamp_seconds", "deployed-kill",
+                            "hold") == task_start
+    assert deployment.value("task_last_completion_timestamp_seconds", "deployed-kill",
+                            "hold") is None
+
+
+def test_a_sigtermed_run_delivers_its_crash_before_prefect_kills_it(
+        deployment: Deployment) -> None:
+    path, pid_file = released(deployment)
+    run_id = deployment.run("deployed-term", path=path)
+    pid = hold_pid(pid_file)
+    assert_in_progress(deployment, "deployed-term", run_id)
+    os.kill(pid, signal.SIGTERM)
+    run = deployment.final(run_id)
+    # Set by the flow-run process itself; the worker's own proposal is rejected.
+    assert run.state.is_crashed() and "termination signal" in run.state.message
+    assert_final(deployment, "deployed-term", run, "crashed")
+
+
+def test_a_run_cancelled_through_the_api_is_reported_cancelled(deployment: Deployment) -> None:
+    from prefect.states import Cancelling
+
+    path, pid_file = released(deployment)
+    run_id = deployment.run("deployed-cancel", path=path)
+    hold_pid(pid_file)
+    assert_in_progress(deployment, "deployed-cancel", run_id)
+    with deployment.client() as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    run = deployment.final(run_id)
+    assert run.state.is_cancelled()
+    assert_final(deployment, "deployed-cancel", run, "cancelled")
+
+
+def test_a_worker_stopped_with_sigterm_says_it_is_down(deployment: Deployment) -> None:
+    name = "orchestrator-test-worker-2"
+    proc = deployment.start("worker", "start", "--pool", POOL, "--name", name, log="worker2.log")
+    wait_until(lambda: worker_value(deployment, "worker_up", name) == 1, 120, interval=0.1,
+               what=f"the second worker's liveness; log:\n{deployment.log('worker2.log')}")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, deployment.log("worker2.log")
+    assert worker_value(deployment, "worker_up", name) == 0
+    assert worker_value(deployment, "worker_up") == 1  # the first worker is untouched
