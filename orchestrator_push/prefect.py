@@ -1,4 +1,4 @@
-"""Prefect 3: every flow run and task run, from the engines' state-hook step.
+"""Prefect 3: every flow run and task run, from the engines' state step.
 
 >>> from orchestrator_push.prefect import instrument
 >>> instrument()  # doctest: +SKIP
@@ -6,16 +6,24 @@
 Prefect has no global hook setting, and hook lists live on each flow and task
 object, so hooks added to objects would miss flows defined before the call and
 copies made with ``with_options``. Instead ``instrument()`` wraps the engines'
-``call_hooks`` step, which every run passes through for each state it enters:
-after the user's own hooks ran (in their order, untouched), the run's outcome is
-recorded. Recording is in memory; the core pushes in the background and at
-process exit.
+``set_state`` step, through which every state a run enters passes, with the
+state it left: the original runs first and unchanged, then the transition is
+recorded in memory (the user's hooks run afterwards, as Prefect calls them).
+The core pushes in the background and at process exit.
+
+Each record is one attempt: a retry is recorded when the attempt fails (a
+Running state left for ``Retrying`` or ``AwaitingRetry``) with that attempt's
+number, duration and end; a final state with its own attempt's duration.
+
+States a worker or ``serve`` runner sets from outside the run's process are
+recorded by :mod:`.prefect_runner`, in that process.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import threading
 import time
@@ -23,12 +31,25 @@ from collections.abc import Callable
 from typing import Any
 
 from . import prefect_runner, runtime
-from .logs import warn_limited
-from .records import CANCELLED, CRASHED, FAILED, RETRY, SUCCESS, FlowRecord, TaskRecord
+from .logs import emit, warn_limited
+from .records import (
+    CANCELLED,
+    CRASHED,
+    FAILED,
+    RETRY,
+    SUCCESS,
+    UPSTREAM_FAILED,
+    FlowRecord,
+    TaskRecord,
+)
 
 FRAMEWORK = "prefect"
 #: ``flow`` label of a task run outside any flow.
 NO_FLOW = "none"
+#: Prefect minor versions whose engines this adapter is tested against.
+CHECKED = ("3.8", "3.9")
+#: On an engine: when the attempt in progress started (its Running state's time).
+_ATTEMPT_START = "_orchestrator_push_attempt_start"
 
 _lock = threading.Lock()
 
@@ -44,25 +65,30 @@ _originals: dict[tuple[type, str], Callable[..., Any]] = {}
 
 
 def instrument() -> None:
-    """Report every flow run and task run that starts after this call. Idempotent.
+    """Report every flow run and task run that starts after this call, and
+    (in a worker or ``serve`` runner) the states they set. Idempotent.
 
     Raises :class:`~orchestrator_push.ConfigError` here when a setting is invalid.
     """
     runtime.configure()
+    import prefect
     from prefect import flow_engine, task_engine
 
     with _lock:
+        if not _originals:
+            _check_version(str(prefect.__version__))
         for cls, kind in (
             (flow_engine.FlowRunEngine, "flow"),
             (flow_engine.AsyncFlowRunEngine, "flow"),
             (task_engine.SyncTaskRunEngine, "task"),
             (task_engine.AsyncTaskRunEngine, "task"),
         ):
-            if (cls, "call_hooks") not in _originals:
-                original = cls.call_hooks
-                _originals[(cls, "call_hooks")] = original
-                setattr(cls, "call_hooks", _wrap(original, kind))  # noqa: B010
+            if (cls, "set_state") not in _originals:
+                original = cls.set_state
+                _originals[(cls, "set_state")] = original
+                setattr(cls, "set_state", _wrap(original, kind))  # noqa: B010
         prefect_runner.patch()
+    _instrument_children()
 
 
 def uninstrument() -> None:
@@ -72,40 +98,88 @@ def uninstrument() -> None:
             setattr(cls, name, original)
         _originals.clear()
         prefect_runner.unpatch()
+    _uninstrument_children()
+
+
+#: Prefect's plugin settings; a user who set any of them has chosen.
+_PLUGIN_SETTINGS = (
+    "PREFECT_PLUGINS_ENABLED",
+    "PREFECT_PLUGINS_ALLOW",
+    "PREFECT_EXPERIMENTS_PLUGINS_ENABLED",
+    "PREFECT_EXPERIMENTS_PLUGINS_ALLOW",
+)
+#: Our ``prefect.plugins`` entry point.
+PLUGIN = "orchestrator_push"
+_OUR_PLUGIN_SETTINGS = {"PREFECT_PLUGINS_ENABLED": "1", "PREFECT_PLUGINS_ALLOW": PLUGIN}
+
+
+def _instrument_children() -> None:
+    """The processes Prefect starts for runs (``flow.serve()``'s run
+    processes, a worker's flow-run processes) inherit the environment but never
+    run the code that called ``instrument()``: let them load our plugin, and
+    only ours, unless the user set Prefect's plugin settings."""
+    if not any(name in os.environ for name in _PLUGIN_SETTINGS):
+        os.environ.update(_OUR_PLUGIN_SETTINGS)
+
+
+def _uninstrument_children() -> None:
+    if all(os.environ.get(k) == v for k, v in _OUR_PLUGIN_SETTINGS.items()):
+        for name in _OUR_PLUGIN_SETTINGS:
+            del os.environ[name]
+
+
+def _check_version(version: str) -> None:
+    if ".".join(version.split(".")[:2]) not in CHECKED:
+        emit(
+            logging.WARNING,
+            "orchestrator_push: Prefect %s is not a tested version (tested: %s); "
+            "runs are reported if its engines still have the same shape",
+            version,
+            ", ".join(CHECKED),
+        )
 
 
 def _wrap(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
-    record = _record_flow if kind == "flow" else _record_task
+    record = _flow_transition if kind == "flow" else _task_transition
     if inspect.iscoroutinefunction(original):
 
         @functools.wraps(original)
-        async def acall_hooks(self: Any, state: Any = None) -> None:
-            try:
-                await original(self, state)
-            finally:
-                _safely(record, self, state)
+        async def aset_state(self: Any, state: Any, force: bool = False) -> Any:
+            left, count = _before(self)
+            new = await original(self, state, force)
+            _safely(record, self, left, new, count)
+            return new
 
-        return acall_hooks
+        return aset_state
 
     @functools.wraps(original)
-    def call_hooks(self: Any, state: Any = None) -> None:
-        try:
-            original(self, state)
-        finally:
-            _safely(record, self, state)
+    def set_state(self: Any, state: Any, force: bool = False) -> Any:
+        left, count = _before(self)
+        new = original(self, state, force)
+        _safely(record, self, left, new, count)
+        return new
 
-    return call_hooks
+    return set_state
 
 
-def _safely(record: Callable[[Any, Any], None], engine: Any, state: Any) -> None:
+def _before(engine: Any) -> tuple[Any, int]:
     try:
-        record(engine, state if state is not None else engine.state)
+        run = engine.task_run if hasattr(engine, "task_run") else engine.flow_run
+        return run.state, int(run.run_count or 0)
+    except Exception:
+        return None, 0
+
+
+def _safely(record: Callable[..., None], engine: Any, left: Any, new: Any, count: int) -> None:
+    try:
+        if new is not None:
+            record(engine, left, new, count)
     except Exception:
         warn_limited("prefect-record", "orchestrator_push: could not record a Prefect run")
 
 
 def _status(state: Any) -> str | None:
-    """Prefect state -> our status; None for states that are not an outcome."""
+    """A final Prefect state -> our status; None for states that are not an outcome."""
     if state.is_completed():  # includes Cached
         return SUCCESS
     if state.is_crashed():
@@ -114,59 +188,81 @@ def _status(state: Any) -> str | None:
         return CANCELLED
     if state.is_failed():
         return FAILED
-    if state.name == "Retrying" or state.name == "AwaitingRetry":
-        return RETRY
+    if state.name == "NotReady":  # an upstream task failed: it will not run
+        return UPSTREAM_FAILED
     return None
 
 
-def _seconds(delta: Any) -> float:
-    return float(delta.total_seconds()) if delta is not None else 0.0
+def _is_retry(left: Any, new: Any) -> bool:
+    return bool(
+        left is not None and left.is_running() and new.name in ("Retrying", "AwaitingRetry")
+    )
 
 
-def _started(state: Any, run: Any, flow: str, task: str | None, timeout: Any) -> None:
+def _ts(state: Any) -> float:
+    return state.timestamp.timestamp() if state.timestamp else time.time()
+
+
+def _attempt_duration(engine: Any, left: Any, end: float) -> float:
+    """From the start of the attempt that ends now (0 when none started)."""
+    start = (
+        left.timestamp.timestamp()
+        if left is not None and left.is_running() and left.timestamp
+        else getattr(engine, _ATTEMPT_START, None)
+    )
+    return max(end - start, 0.0) if start is not None else 0.0
+
+
+def _started(engine: Any, state: Any, run: Any, flow: str, task: str | None, timeout: Any) -> None:
     """A run entered Running: its start, seen at the gateway while it runs, and
     how long after its expected start time (a task: its queue wait; a flow run
     of a deployment: its lateness)."""
-    engine = runtime.get_engine()
-    if engine is None:
+    at = _ts(state)
+    setattr(engine, _ATTEMPT_START, at)
+    live = runtime.get_engine()
+    if live is None:
         return
-    at = state.timestamp.timestamp() if state.timestamp else time.time()
     limit = float(timeout) if timeout else None
     expected = getattr(run, "expected_start_time", None)
     waited = max(at - expected.timestamp(), 0.0) if expected is not None else None
-    engine.record_start(FRAMEWORK, flow, task, at=at, timeout=limit, waited=waited)
+    live.record_start(FRAMEWORK, flow, task, at=at, timeout=limit, waited=waited)
 
 
-def _record_task(engine: Any, state: Any) -> None:
-    if state.is_running():
-        _started(
-            state,
-            engine.task_run,
-            _current_flow_name(),
-            str(engine.task.name),
-            engine.task.timeout_seconds,
-        )
-        return
-    status = _status(state)
-    if status is None:
-        return
+def _task_transition(engine: Any, left: Any, new: Any, count: int) -> None:
     run = engine.task_run
-    end = state.timestamp.timestamp() if state.timestamp else time.time()
-    if run.total_run_time and status != RETRY:
-        duration = _seconds(run.total_run_time)
-    elif run.start_time is not None and state.timestamp is not None:
-        duration = _seconds(state.timestamp - run.start_time)
-    else:
-        duration = 0.0
+    flow, task = _current_flow_name(), str(engine.task.name)
+    end = _ts(new)
+    if _is_retry(left, new):
+        _task(flow, task, RETRY, end, _attempt_duration(engine, left, end), max(count, 1))
+    if new.is_running():
+        _started(engine, new, run, flow, task, engine.task.timeout_seconds)
+        return
+    status = _status(new)
+    if status is None or (left is not None and left.id == new.id):
+        return
+    if status == UPSTREAM_FAILED:
+        _task(flow, task, status, end, 0.0, 0)
+        return
+    _task(
+        flow,
+        task,
+        status,
+        end,
+        _attempt_duration(engine, left, end),
+        max(int(run.run_count or 1), 1),
+    )
+
+
+def _task(flow: str, task: str, status: str, end: float, duration: float, attempt: int) -> None:
     runtime.record_task(
         TaskRecord(
             framework=FRAMEWORK,
-            flow=_current_flow_name(),
-            task=str(engine.task.name),
+            flow=flow,
+            task=task,
             status=status,
             end_time=end,
-            duration=max(duration, 0.0),
-            attempt=max(int(run.run_count or 1), 1),
+            duration=duration,
+            attempt=attempt,
         )
     )
 
@@ -179,31 +275,25 @@ def _current_flow_name() -> str:
     return str(flow.name) if flow is not None else NO_FLOW
 
 
-def _record_flow(engine: Any, state: Any) -> None:
-    if state.is_running():
-        _started(state, engine.flow_run, str(engine.flow.name), None, engine.flow.timeout_seconds)
+def _flow_transition(engine: Any, left: Any, new: Any, count: int) -> None:
+    flow = str(engine.flow.name)
+    end = _ts(new)
+    if _is_retry(left, new):
+        _flow(flow, RETRY, end, _attempt_duration(engine, left, end))
+    if new.is_running():
+        _started(engine, new, engine.flow_run, flow, None, engine.flow.timeout_seconds)
         return
-    status = _status(state)
-    if status is None or status == RETRY:
+    status = _status(new)
+    if status is None or status == UPSTREAM_FAILED or (left is not None and left.id == new.id):
         return
-    run = engine.flow_run
-    end = state.timestamp.timestamp() if state.timestamp else time.time()
-    # In the hook the run's end time is not set yet and total_run_time is 0.
-    duration = (
-        _seconds(state.timestamp - run.start_time)
-        if run.start_time is not None and state.timestamp is not None
-        else 0.0
-    )
-    runtime.record_flow(
-        FlowRecord(
-            framework=FRAMEWORK,
-            flow=str(engine.flow.name),
-            status=status,
-            end_time=end,
-            duration=max(duration, 0.0),
-        )
-    )
+    _flow(flow, status, end, _attempt_duration(engine, left, end))
     if status in (CRASHED, CANCELLED):
         # Prefect re-kills a process it stopped with SIGTERM once the state is
         # set: no exit hook would run.
         runtime.flush()
+
+
+def _flow(flow: str, status: str, end: float, duration: float) -> None:
+    runtime.record_flow(
+        FlowRecord(framework=FRAMEWORK, flow=flow, status=status, end_time=end, duration=duration)
+    )

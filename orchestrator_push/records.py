@@ -11,16 +11,17 @@ SKIPPED = "skipped"
 CANCELLED = "cancelled"
 CRASHED = "crashed"
 REVOKED = "revoked"
+UPSTREAM_FAILED = "upstream_failed"
 
 #: The statuses each framework can report; ``last_status`` carries a 0 for every
 #: one of them that is not the outcome, so a dashboard never sees a stale 1.
 STATUSES: dict[str, tuple[str, ...]] = {
     "airflow": (SUCCESS, FAILED, RETRY, SKIPPED),
-    "prefect": (SUCCESS, FAILED, RETRY, CANCELLED, CRASHED),
+    "prefect": (SUCCESS, FAILED, RETRY, CANCELLED, CRASHED, UPSTREAM_FAILED),
     "celery": (SUCCESS, FAILED, RETRY, REVOKED),
     "exec": (SUCCESS, FAILED),
 }
-ALL_STATUSES = (SUCCESS, FAILED, RETRY, SKIPPED, CANCELLED, CRASHED, REVOKED)
+ALL_STATUSES = (SUCCESS, FAILED, RETRY, SKIPPED, CANCELLED, CRASHED, REVOKED, UPSTREAM_FAILED)
 
 #: Outcomes that set ``last_failure_timestamp_seconds``: final failures only. A
 #: retry will run again; cancelled, revoked and skipped are decisions, not faults.
