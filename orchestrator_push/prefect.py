@@ -213,12 +213,10 @@ def _attempt_duration(engine: Any, left: Any, end: float) -> float:
     return max(end - start, 0.0) if start is not None else 0.0
 
 
-def _started(engine: Any, state: Any, run: Any, flow: str, task: str | None, timeout: Any) -> None:
-    """A run entered Running: its start, seen at the gateway while it runs, and
-    how long after its expected start time (a task: its queue wait; a flow run
-    of a deployment: its lateness)."""
-    at = _ts(state)
-    setattr(engine, _ATTEMPT_START, at)
+def _started(at: float, run: Any, flow: str, task: str | None, timeout: Any) -> None:
+    """A run entered Running at ``at``: its start, seen at the gateway while it
+    runs, and how long after its expected start time (a task: its queue wait;
+    a flow run of a deployment: its lateness)."""
     live = runtime.get_engine()
     if live is None:
         return
@@ -235,7 +233,8 @@ def _task_transition(engine: Any, left: Any, new: Any, count: int) -> None:
     if _is_retry(left, new):
         _task(flow, task, RETRY, end, _attempt_duration(engine, left, end), max(count, 1))
     if new.is_running():
-        _started(engine, new, run, flow, task, engine.task.timeout_seconds)
+        setattr(engine, _ATTEMPT_START, end)
+        _started(end, run, flow, task, engine.task.timeout_seconds)
         return
     status = _status(new)
     if status is None or (left is not None and left.id == new.id):
@@ -281,7 +280,8 @@ def _flow_transition(engine: Any, left: Any, new: Any, count: int) -> None:
     if _is_retry(left, new):
         _flow(flow, RETRY, end, _attempt_duration(engine, left, end))
     if new.is_running():
-        _started(engine, new, engine.flow_run, flow, None, engine.flow.timeout_seconds)
+        setattr(engine, _ATTEMPT_START, end)
+        _started(end, engine.flow_run, flow, None, engine.flow.timeout_seconds)
         return
     status = _status(new)
     if status is None or status == UPSTREAM_FAILED or (left is not None and left.id == new.id):
@@ -297,3 +297,83 @@ def _flow(flow: str, status: str, end: float, duration: float) -> None:
     runtime.record_flow(
         FlowRecord(framework=FRAMEWORK, flow=flow, status=status, end_time=end, duration=duration)
     )
+
+
+# Per-flow form: Prefect's own state-hook arguments, for users who instrument
+# flow by flow. With instrument() active in the process they do nothing, so
+# using both never counts a run twice.
+_hook_starts: dict[Any, float] = {}  # run id -> its attempt's start, bounded
+
+
+def on_flow_state(flow: Any, flow_run: Any, state: Any) -> None:
+    """A flow state hook recording what :func:`instrument` records for the flow:
+
+    >>> from prefect import flow
+    >>> from orchestrator_push.prefect import on_flow_state
+    >>> hooks = [on_flow_state]
+    >>> @flow(on_running=hooks, on_completion=hooks, on_failure=hooks,
+    ...       on_crashed=hooks, on_cancellation=hooks)
+    ... def nightly() -> None: ...
+
+    Never raises. ``on_cancellation`` fires when the run enters Cancelling: it
+    is recorded as ``cancelled``.
+    """
+    _safely_hook(_flow_hook, flow, flow_run, state)
+
+
+def on_task_state(task: Any, task_run: Any, state: Any) -> None:
+    """A task state hook (``on_running``, ``on_completion``, ``on_failure``)
+    recording what :func:`instrument` records for the task; a retry is recorded
+    when the next attempt starts. Never raises."""
+    _safely_hook(_task_hook, task, task_run, state)
+
+
+def _safely_hook(record: Callable[..., None], obj: Any, run: Any, state: Any) -> None:
+    if _originals:
+        return  # instrument() records every run of this process already
+    try:
+        record(obj, run, state)
+    except Exception:
+        warn_limited("prefect-hook", "orchestrator_push: could not record a Prefect run")
+
+
+def _hook_start(run: Any, state: Any) -> float | None:
+    """The start of the attempt that ``state`` ends (or begins, remembered)."""
+    if state.is_running():
+        previous = _hook_starts.get(run.id)
+        if len(_hook_starts) >= 10_000:
+            _hook_starts.clear()
+        _hook_starts[run.id] = _ts(state)
+        return previous
+    return _hook_starts.pop(run.id, run.start_time.timestamp() if run.start_time else None)
+
+
+def _flow_hook(flow: Any, run: Any, state: Any) -> None:
+    name, end = str(flow.name), _ts(state)
+    start = _hook_start(run, state)
+    if state.is_running():
+        _started(end, run, name, None, flow.timeout_seconds)
+        return
+    status = CANCELLED if state.is_cancelling() else _status(state)
+    if status is not None and status != UPSTREAM_FAILED:
+        _flow(name, status, end, max(end - start, 0.0) if start is not None else 0.0)
+
+
+def _task_hook(task: Any, run: Any, state: Any) -> None:
+    flow, name, end = _current_flow_name(), str(task.name), _ts(state)
+    start = _hook_start(run, state)
+    if state.is_running():
+        if state.name == "Retrying" and start is not None:
+            _task(flow, name, RETRY, end, max(end - start, 0.0), max(int(run.run_count) - 1, 1))
+        _started(end, run, flow, name, task.timeout_seconds)
+        return
+    status = _status(state)
+    if status is not None:
+        _task(
+            flow,
+            name,
+            status,
+            end,
+            max(end - start, 0.0) if start is not None else 0.0,
+            max(int(run.run_count or 1), 1),
+        )

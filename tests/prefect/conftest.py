@@ -19,3 +19,11 @@ def prefect_server() -> Iterator[None]:
         {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     ):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _plugin_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """instrument() may set Prefect's plugin settings for child processes:
+    each test starts, and ends, with the environment it was given."""
+    for name in ("PREFECT_PLUGINS_ENABLED", "PREFECT_PLUGINS_ALLOW"):
+        monkeypatch.delenv(name, raising=False)

@@ -56,11 +56,13 @@ class Deployment:
         self.api, self.env, self.gw, self.tmp = api, env, gw, tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, log: str, env: dict[str, str] | None = None,
+              argv: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """``prefect *args`` (or ``argv``), in its own session, output to ``log``."""
+        command = argv or [os.path.join(os.path.dirname(sys.executable), "prefect"), *args]
         with open(os.path.join(self.tmp, log), "wb") as out:
-            proc = subprocess.Popen(
-                [os.path.join(os.path.dirname(sys.executable), "prefect"), *args],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(command, env=env or self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -77,12 +79,11 @@ class Deployment:
                 get_client(sync_client=True) as client:
             yield client
 
-    def run(self, flow: str, **parameters: Any) -> Any:
+    def run(self, flow: str, deployment: str = "d", **parameters: Any) -> Any:
         """A new flow run of the flow's deployment; its id."""
         with self.client() as client:
-            deployment = client.read_deployment_by_name(f"{flow}/d")
-            return client.create_flow_run_from_deployment(deployment.id,
-                                                          parameters=parameters).id
+            found = client.read_deployment_by_name(f"{flow}/{deployment}")
+            return client.create_flow_run_from_deployment(found.id, parameters=parameters).id
 
     def read(self, run_id: Any) -> Any:
         with self.client() as client:
@@ -166,12 +167,42 @@ def deployment() -> Iterator[Deployment]:
         yield d
 
 
-def worker_value(d: Deployment, name: str, worker: str = WORKER) -> float | None:
+def worker_value(d: Deployment, name: str, worker: str = WORKER,
+                 role: str = "prefect-worker") -> float | None:
     try:
         return d.gw.group(job="prefect", instance=worker).value(
-            f"{NS}_{name}", framework="prefect", role="prefect-worker")
+            f"{NS}_{name}", framework="prefect", role=role)
     except KeyError:
         return None
+
+
+@pytest.fixture(scope="module")
+def served(deployment: Deployment) -> str:
+    """`python served.py` serving two flows, without Prefect's plugin setting:
+    it calls instrument() under `__main__` only. The runner's name."""
+    env = {k: v for k, v in deployment.env.items() if not k.startswith("PREFECT_PLUGINS_")}
+    proc = deployment.start(argv=[sys.executable, os.path.join(FLOWS, "served.py")],
+                            env=env, log="served.log")
+
+    def ready() -> bool:
+        assert proc.poll() is None, deployment.log("served.log")
+        with deployment.client() as client:
+            try:
+                client.read_deployment_by_name("served-kill/s")
+                return True
+            except Exception:
+                return False
+
+    wait_until(ready, 120, interval=0.5, what="the served deployments")
+
+    def runner() -> str | None:
+        for g in deployment.gw.groups():
+            for labels, _ in g.metrics.get(f"{NS}_worker_up", []):
+                if labels.get("role") == "prefect-runner":
+                    return g.labels["instance"]
+        return None
+
+    return str(wait_until(runner, 60, interval=0.1, what="the runner's liveness"))
 
 
 def released(d: Deployment) -> tuple[str, str]:
@@ -294,3 +325,25 @@ def test_a_worker_stopped_with_sigterm_says_it_is_down(deployment: Deployment) -
     assert proc.wait(60) == 0, deployment.log("worker2.log")
     assert worker_value(deployment, "worker_up", name) == 0
     assert worker_value(deployment, "worker_up") == 1  # the first worker is untouched
+
+
+def test_served_runs_are_reported_when_instrument_is_called_under_main(
+        deployment: Deployment, served: str) -> None:
+    assert served.startswith("runner-")
+    assert worker_value(deployment, "worker_up", served, role="prefect-runner") == 1
+    run = deployment.final(deployment.run("served-ok", deployment="s"))
+    assert run.state.is_completed()
+    assert_final(deployment, "served-ok", run, "success")
+    assert deployment.value("task_last_status", "served-ok", "step", status="success") == 1
+
+
+def test_a_sigkilled_served_run_is_crashed_by_the_runner(deployment: Deployment,
+                                                         served: str) -> None:
+    path, pid_file = released(deployment)
+    run_id = deployment.run("served-kill", deployment="s", path=path)
+    pid = hold_pid(pid_file)
+    assert_in_progress(deployment, "served-kill", run_id)
+    os.kill(pid, signal.SIGKILL)
+    run = deployment.final(run_id)
+    assert run.state.is_crashed() and "-9" in run.state.message
+    assert_final(deployment, "served-kill", run, "crashed")

@@ -34,16 +34,32 @@ def deployed_exit() -> None:
     os._exit(3)
 
 
-def _waiting(name: str):  # type: ignore[no-untyped-def]
-    @flow(name=name, timeout_seconds=3600)
-    def waiting(path: str) -> None:
-        step(1)
-        hold(path)
+# One flow per test, so that no test sees another one's series. Top-level
+# functions: a runner loads a crashed run's flow by its entrypoint.
+@flow(name="deployed-kill", timeout_seconds=3600)
+def deployed_kill(path: str) -> None:
+    step(1)
+    hold(path)
 
-    return waiting
+
+@flow(name="deployed-term", timeout_seconds=3600)
+def deployed_term(path: str) -> None:
+    step(1)
+    hold(path)
 
 
-# One flow per test, so that no test sees another one's series.
-deployed_kill = _waiting("deployed-kill")
-deployed_term = _waiting("deployed-term")
-deployed_cancel = _waiting("deployed-cancel")
+@flow(name="deployed-cancel", timeout_seconds=3600)
+def deployed_cancel(path: str) -> None:
+    step(1)
+    hold(path)
+
+
+@flow(name="served-ok")
+def served_ok() -> None:
+    step(1)
+
+
+@flow(name="served-kill", timeout_seconds=3600)
+def served_kill(path: str) -> None:
+    step(1)
+    hold(path)
