@@ -83,10 +83,11 @@ def instrument() -> None:
             (task_engine.SyncTaskRunEngine, "task"),
             (task_engine.AsyncTaskRunEngine, "task"),
         ):
-            if (cls, "set_state") not in _originals:
-                original = cls.set_state
-                _originals[(cls, "set_state")] = original
-                setattr(cls, "set_state", _wrap(original, kind))  # noqa: B010
+            for name, make in (("set_state", _wrap), ("call_hooks", _wrap_hooks)):
+                if (cls, name) not in _originals:
+                    original = getattr(cls, name)
+                    _originals[(cls, name)] = original
+                    setattr(cls, name, make(original, kind))
         prefect_runner.patch()
     _instrument_children()
 
@@ -160,6 +161,86 @@ def _wrap(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
         return new
 
     return set_state
+
+
+def _wrap_hooks(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
+    """After the user's hooks for a final state ran, the state the API holds:
+    a hook may have set another one (say Failed from ``on_completion``)."""
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def acall_hooks(self: Any, state: Any = None) -> None:
+            await original(self, state)
+            ended = state if state is not None else self.state
+            if _user_hooks(self, kind, ended):
+                try:
+                    now = await _read(self, kind)
+                except Exception:
+                    warn_limited(
+                        "prefect-reread", "orchestrator_push: could not read a run's state"
+                    )
+                    return
+                _safely(_followed, self, ended, now, 0)
+
+        return acall_hooks
+
+    @functools.wraps(original)
+    def call_hooks(self: Any, state: Any = None) -> None:
+        original(self, state)
+        ended = state if state is not None else self.state
+        if _user_hooks(self, kind, ended):
+            try:
+                now = _read(self, kind)
+            except Exception:
+                warn_limited("prefect-reread", "orchestrator_push: could not read a run's state")
+                return
+            _safely(_followed, self, ended, now, 0)
+
+    return call_hooks
+
+
+def _user_hooks(engine: Any, kind: str, state: Any) -> bool:
+    """The user has hooks for this final state (only then can one change it)."""
+    try:
+        owner = engine.flow if kind == "flow" else engine.task
+        if state.is_completed():
+            return bool(owner.on_completion_hooks)
+        if state.is_failed():
+            return bool(owner.on_failure_hooks)
+        if state.is_crashed():
+            return bool(getattr(owner, "on_crashed_hooks", None))
+    except Exception:
+        pass
+    return False
+
+
+def _read(engine: Any, kind: str) -> Any:
+    """The run as the API has it (a coroutine for an async engine's client)."""
+    if kind == "flow":
+        return engine.client.read_flow_run(engine.flow_run.id)
+    return engine.client.read_task_run(engine.task_run.id)
+
+
+def _followed(engine: Any, ended: Any, run: Any, count: int) -> None:
+    """A hook set another final state than the one recorded: record that one."""
+    now = run.state
+    if now is None or not now.is_final() or now.type == ended.type:
+        return
+    status, end = _status(now), _ts(now)
+    if status is None:
+        return
+    duration = _attempt_duration(engine, None, end)
+    if hasattr(engine, "task_run"):
+        _task(
+            _current_flow_name(),
+            str(engine.task.name),
+            status,
+            end,
+            duration,
+            max(int(engine.task_run.run_count or 1), 1),
+        )
+    else:
+        _flow(str(engine.flow.name), status, end, duration)
 
 
 def _before(engine: Any) -> tuple[Any, int]:

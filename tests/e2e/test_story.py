@@ -66,7 +66,7 @@ def gw() -> Iterator[Pushgateway]:
 
 @pytest.fixture(scope="module")
 def prom(gw: Pushgateway) -> Iterator[Prometheus]:
-    p = Prometheus(gw.url, story.RULE_FILES)
+    p = Prometheus(gw.url, [*story.RULE_FILES, SHORT_LIMITS])
     try:
         story.run_examples(gw, say=lambda text: print(text, flush=True))
         # A group whose last push the gateway refused (a type conflicting with
@@ -79,6 +79,9 @@ def prom(gw: Pushgateway) -> Iterator[Prometheus]:
         yield p
     finally:
         p.stop()
+
+
+SHORT_LIMITS = os.path.join(os.path.dirname(__file__), "short_limits.yml")
 
 
 def tuples(result: list[dict[str, Any]], *labels: str) -> set[tuple[str, ...]]:
@@ -111,7 +114,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 18
+    assert len(all_rules) == 19  # rules.yml, thresholds.yml, short_limits.yml
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
@@ -289,3 +292,32 @@ def test_runs_in_progress_are_what_the_hung_and_vanished_rules_read(
     assert g.value("orchestrator_task_timeout_seconds") == 7200
     # killed: it stays in progress, which the rules turn into an alert after its limit
     assert prom.query('orchestrator:task_in_progress_start_timestamp_seconds{job="stuck"}')
+
+
+def test_a_killed_run_without_a_limit_raises_the_vanished_alert(
+        prom: Prometheus, gw: Pushgateway) -> None:
+    """kill -9 of `exec` mid-run (as by an OOM kill): nothing says it ended;
+    past the flow's maximum age (2 s, short_limits.yml) the alert fires."""
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator_push", "exec", "--job",
+                             "vanishing", "--", "sleep", "600"], env=env, start_new_session=True)
+    try:
+        wait_until(lambda: gw.group(job="vanishing", flow="vanishing", task="main").metrics.get(
+            "orchestrator_task_last_start_timestamp_seconds"), 30, interval=0.1,
+            what="the run's start at the gateway")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    g = gw.group(job="vanishing", flow="vanishing", task="main")
+    assert "orchestrator_task_last_completion_timestamp_seconds" not in g.metrics
+    assert "orchestrator_task_timeout_seconds" not in g.metrics
+    wait_until(lambda: firing(prom, "OrchestratorTaskVanished", "job", "flow", "task"),
+               60, interval=0.5, what="OrchestratorTaskVanished")
+    assert firing(prom, "OrchestratorTaskVanished", "job", "flow", "task") == {
+        ("vanishing", "vanishing", "main")}
+    (alert,) = [a for a in rules(prom)["OrchestratorTaskVanished"]["alerts"]
+                if a["state"] == "firing"]
+    assert "orchestrator-push status --job vanishing" in alert["annotations"]["description"]
+    assert firing(prom, "OrchestratorTaskHung", "job") == set()

@@ -77,6 +77,19 @@ def attempts_upstream() -> None:
     downstream.submit(upstream.submit()).wait()
 
 
+def fail_the_run(flow: Any, flow_run: Any, state: Any) -> None:
+    """A hook that decides the run failed after all, through the API."""
+    from prefect.states import Failed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Failed(message="rejected by a hook"), force=True)
+
+
+@flow(name="attempts-hook-fails", on_completion=[fail_the_run])
+def attempts_hook_fails() -> int:
+    return 1
+
+
 @pytest.fixture
 def gw(pushgateway: Pushgateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pushgateway]:
     monkeypatch.setenv("ORCHESTRATOR_PUSH_URL", pushgateway.url)
@@ -241,3 +254,18 @@ def test_a_task_that_exits_is_crashed(pushgateway: Pushgateway) -> None:
     assert value(pushgateway, "task_last_completion_timestamp_seconds", "attempts-crash",
                  "exits") == pytest.approx(api["end"], abs=1e-6)
     assert value(pushgateway, "flow_last_status", "attempts-crash", status="crashed") == 1
+
+
+def test_a_hook_that_fails_the_run_is_followed(gw: Pushgateway) -> None:
+    state = attempts_hook_fails(return_state=True)
+    assert op.flush(10)
+    with get_client(sync_client=True) as client:
+        api = client.read_flow_run(state.state_details.flow_run_id).state
+    assert api.is_failed() and api.message == "rejected by a hook"
+    end = api.timestamp.timestamp()
+    assert value(gw, "flow_last_status", "attempts-hook-fails", status="failed") == 1
+    assert value(gw, "flow_last_status", "attempts-hook-fails", status="success") == 0
+    assert value(gw, "flow_last_completion_timestamp_seconds", "attempts-hook-fails") == \
+        pytest.approx(end, abs=1e-6)
+    assert value(gw, "flow_last_failure_timestamp_seconds", "attempts-hook-fails") == \
+        pytest.approx(end, abs=1e-6)

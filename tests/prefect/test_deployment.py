@@ -188,7 +188,7 @@ def served(deployment: Deployment) -> str:
         assert proc.poll() is None, deployment.log("served.log")
         with deployment.client() as client:
             try:
-                client.read_deployment_by_name("served-kill/s")
+                client.read_deployment_by_name("served-cancel/s")
                 return True
             except Exception:
                 return False
@@ -347,3 +347,25 @@ def test_a_sigkilled_served_run_is_crashed_by_the_runner(deployment: Deployment,
     run = deployment.final(run_id)
     assert run.state.is_crashed() and "-9" in run.state.message
     assert_final(deployment, "served-kill", run, "crashed")
+
+
+def test_a_served_run_whose_process_exits_non_zero_is_crashed_by_the_runner(
+        deployment: Deployment, served: str) -> None:
+    run = deployment.final(deployment.run("served-exit", deployment="s"))
+    assert run.state.is_crashed() and "status code: 3" in run.state.message
+    assert_final(deployment, "served-exit", run, "crashed")
+
+
+def test_a_served_run_cancelled_through_the_api_is_reported_cancelled(
+        deployment: Deployment, served: str) -> None:
+    from prefect.states import Cancelling
+
+    path, pid_file = released(deployment)
+    run_id = deployment.run("served-cancel", deployment="s", path=path)
+    hold_pid(pid_file)
+    assert_in_progress(deployment, "served-cancel", run_id)
+    with deployment.client() as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    run = deployment.final(run_id)
+    assert run.state.is_cancelled()
+    assert_final(deployment, "served-cancel", run, "cancelled")

@@ -63,3 +63,15 @@ def served_ok() -> None:
 def served_kill(path: str) -> None:
     step(1)
     hold(path)
+
+
+@flow(name="served-exit")
+def served_exit() -> None:
+    step(1)
+    os._exit(3)
+
+
+@flow(name="served-cancel", timeout_seconds=3600)
+def served_cancel(path: str) -> None:
+    step(1)
+    hold(path)

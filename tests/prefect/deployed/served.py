@@ -8,12 +8,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from deployed_flows import served_kill, served_ok
+from deployed_flows import served_cancel, served_exit, served_kill, served_ok
 from prefect import serve
 
 if __name__ == "__main__":
     from orchestrator_push.prefect import instrument
 
     instrument()
-    serve(served_ok.to_deployment(name="s"), served_kill.to_deployment(name="s"),
+    serve(*(f.to_deployment(name="s") for f in (served_ok, served_exit, served_kill,
+                                                 served_cancel)),
           print_starting_message=False)
