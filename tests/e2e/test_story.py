@@ -266,6 +266,23 @@ def test_doctor_flags_a_scrape_without_honor_labels(prom: Prometheus, gw: Pushga
         bad.stop()
 
 
+def killed_exec(gw: Pushgateway, job: str, *args: str, until: Any) -> Any:
+    """`exec --job JOB ARGS -- sleep 600`, SIGKILLed (as by an OOM kill) once
+    ``until()`` is truthy; what it returned."""
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator_push", "exec", "--job", job,
+                             *args, "--", "sleep", "600"], env=env, start_new_session=True)
+    try:
+        found = wait_until(until, 60, interval=0.2, what=f"the run of {job} in progress")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        return found
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def test_runs_in_progress_are_what_the_hung_and_vanished_rules_read(
         prom: Prometheus, gw: Pushgateway) -> None:
     # every run of the demo finished: its start and its completion are both there
@@ -273,19 +290,8 @@ def test_runs_in_progress_are_what_the_hung_and_vanished_rules_read(
     assert tuples(starts, "flow", "task") == {("nightly", "dump"), ("nightly", "upload")}
     assert prom.query("orchestrator:task_in_progress_start_timestamp_seconds") == []
     # a run that does not finish (its process will be killed, as by an OOM kill)
-    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator_push", "exec", "--job", "stuck",
-                             "--timeout", "2h", "--", "sleep", "600"],
-                            env=env, start_new_session=True)
-    try:
-        found = wait_until(lambda: prom.query(
-            'orchestrator:task_in_progress_start_timestamp_seconds{job="stuck"}'), 60, interval=0.5,
-            what="the run in progress in Prometheus")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    found = killed_exec(gw, "stuck", "--timeout", "2h", until=lambda: prom.query(
+        'orchestrator:task_in_progress_start_timestamp_seconds{job="stuck"}'))
     assert tuples(found, "job", "framework", "flow", "task") == {("stuck", "exec", "stuck", "main")}
     g = gw.group(job="stuck", flow="stuck", task="main")
     assert float(found[0]["value"][1]) == g.value("orchestrator_task_last_start_timestamp_seconds")
@@ -298,18 +304,9 @@ def test_a_killed_run_without_a_limit_raises_the_vanished_alert(
         prom: Prometheus, gw: Pushgateway) -> None:
     """kill -9 of `exec` mid-run (as by an OOM kill): nothing says it ended;
     past the flow's maximum age (2 s, short_limits.yml) the alert fires."""
-    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.2"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator_push", "exec", "--job",
-                             "vanishing", "--", "sleep", "600"], env=env, start_new_session=True)
-    try:
-        wait_until(lambda: gw.group(job="vanishing", flow="vanishing", task="main").metrics.get(
-            "orchestrator_task_last_start_timestamp_seconds"), 30, interval=0.1,
-            what="the run's start at the gateway")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    killed_exec(gw, "vanishing", until=lambda: any(
+        "orchestrator_task_last_start_timestamp_seconds" in g.metrics
+        for g in gw.groups() if g.labels.get("job") == "vanishing"))
     g = gw.group(job="vanishing", flow="vanishing", task="main")
     assert "orchestrator_task_last_completion_timestamp_seconds" not in g.metrics
     assert "orchestrator_task_timeout_seconds" not in g.metrics

@@ -271,15 +271,31 @@ def test_a_run_whose_process_exits_non_zero_is_crashed_by_the_worker(
     assert_final(deployment, "deployed-exit", run, "crashed")
 
 
+def ended_from_outside(d: Deployment, flow: str, how: str,
+                       deployment: str = "d") -> tuple[Any, float]:
+    """A run of ``flow`` held in its ``hold`` task, in progress at the gateway,
+    then ended by ``how`` ("SIGKILL", "SIGTERM": to its process; "cancel":
+    through the API). Prefect's final record of it, and the task's start as the
+    gateway had it before."""
+    path, pid_file = released(d)
+    run_id = d.run(flow, deployment=deployment, path=path)
+    pid = hold_pid(pid_file)
+    assert_in_progress(d, flow, run_id)
+    task_start = d.value("task_last_start_timestamp_seconds", flow, "hold")
+    assert task_start is not None
+    if how == "cancel":
+        from prefect.states import Cancelling
+
+        with d.client() as client:
+            client.set_flow_run_state(run_id, Cancelling(), force=True)
+    else:
+        os.kill(pid, getattr(signal, how))
+    return d.final(run_id), task_start
+
+
 def test_a_sigkilled_run_is_crashed_by_the_worker_and_its_task_stays_started(
         deployment: Deployment) -> None:
-    path, pid_file = released(deployment)
-    run_id = deployment.run("deployed-kill", path=path)
-    pid = hold_pid(pid_file)
-    assert_in_progress(deployment, "deployed-kill", run_id)
-    task_start = deployment.value("task_last_start_timestamp_seconds", "deployed-kill", "hold")
-    os.kill(pid, signal.SIGKILL)
-    run = deployment.final(run_id)
+    run, task_start = ended_from_outside(deployment, "deployed-kill", "SIGKILL")
     assert run.state.is_crashed() and "-9" in run.state.message
     assert_final(deployment, "deployed-kill", run, "crashed")
     # The task attempt never ended: its start stays, without a completion.
@@ -291,27 +307,14 @@ def test_a_sigkilled_run_is_crashed_by_the_worker_and_its_task_stays_started(
 
 def test_a_sigtermed_run_delivers_its_crash_before_prefect_kills_it(
         deployment: Deployment) -> None:
-    path, pid_file = released(deployment)
-    run_id = deployment.run("deployed-term", path=path)
-    pid = hold_pid(pid_file)
-    assert_in_progress(deployment, "deployed-term", run_id)
-    os.kill(pid, signal.SIGTERM)
-    run = deployment.final(run_id)
+    run, _ = ended_from_outside(deployment, "deployed-term", "SIGTERM")
     # Set by the flow-run process itself; the worker's own proposal is rejected.
     assert run.state.is_crashed() and "termination signal" in run.state.message
     assert_final(deployment, "deployed-term", run, "crashed")
 
 
 def test_a_run_cancelled_through_the_api_is_reported_cancelled(deployment: Deployment) -> None:
-    from prefect.states import Cancelling
-
-    path, pid_file = released(deployment)
-    run_id = deployment.run("deployed-cancel", path=path)
-    hold_pid(pid_file)
-    assert_in_progress(deployment, "deployed-cancel", run_id)
-    with deployment.client() as client:
-        client.set_flow_run_state(run_id, Cancelling(), force=True)
-    run = deployment.final(run_id)
+    run, _ = ended_from_outside(deployment, "deployed-cancel", "cancel")
     assert run.state.is_cancelled()
     assert_final(deployment, "deployed-cancel", run, "cancelled")
 
@@ -339,12 +342,7 @@ def test_served_runs_are_reported_when_instrument_is_called_under_main(
 
 def test_a_sigkilled_served_run_is_crashed_by_the_runner(deployment: Deployment,
                                                          served: str) -> None:
-    path, pid_file = released(deployment)
-    run_id = deployment.run("served-kill", deployment="s", path=path)
-    pid = hold_pid(pid_file)
-    assert_in_progress(deployment, "served-kill", run_id)
-    os.kill(pid, signal.SIGKILL)
-    run = deployment.final(run_id)
+    run, _ = ended_from_outside(deployment, "served-kill", "SIGKILL", deployment="s")
     assert run.state.is_crashed() and "-9" in run.state.message
     assert_final(deployment, "served-kill", run, "crashed")
 
@@ -358,14 +356,6 @@ def test_a_served_run_whose_process_exits_non_zero_is_crashed_by_the_runner(
 
 def test_a_served_run_cancelled_through_the_api_is_reported_cancelled(
         deployment: Deployment, served: str) -> None:
-    from prefect.states import Cancelling
-
-    path, pid_file = released(deployment)
-    run_id = deployment.run("served-cancel", deployment="s", path=path)
-    hold_pid(pid_file)
-    assert_in_progress(deployment, "served-cancel", run_id)
-    with deployment.client() as client:
-        client.set_flow_run_state(run_id, Cancelling(), force=True)
-    run = deployment.final(run_id)
+    run, _ = ended_from_outside(deployment, "served-cancel", "cancel", deployment="s")
     assert run.state.is_cancelled()
     assert_final(deployment, "served-cancel", run, "cancelled")
