@@ -94,13 +94,18 @@ def _note_start(ti: Any) -> None:
     if engine is None:
         return
     start = getattr(ti, "start_date", None)
+    at = start.timestamp() if start is not None else now
     task = getattr(ti, "task", None)
+    # Airflow 2's task instance says when the scheduler queued it; Airflow 3's
+    # task runner is not told
+    queued = getattr(ti, "queued_dttm", None)
     engine.record_start(
         FRAMEWORK,
         str(ti.dag_id),
         str(ti.task_id),
-        at=start.timestamp() if start is not None else now,
+        at=at,
         timeout=_limit(getattr(task, "execution_timeout", None)),
+        waited=max(at - queued.timestamp(), 0.0) if queued is not None else None,
     )
 
 

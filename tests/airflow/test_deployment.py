@@ -16,13 +16,14 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -204,6 +205,12 @@ if not AIRFLOW_2:
         assert gw.push_count() == pushes
 
 
+def _db_time(text: str) -> float:
+    """A time as Airflow's sqlite database keeps it (UTC)."""
+    t = datetime.fromisoformat(text)
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def _airflow_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -237,6 +244,15 @@ def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
     # Airflow 3's database keeps the start sent to its API, the runner its own
     # (seconds apart on 3.3); Airflow 2's are the same
     assert abs(_airflow_time(ti["start_date"]) - start) <= 10
+    queued = value("task_last_queued_duration_seconds", task="wait")
+    if AIRFLOW_2:  # the scheduler's own record: queued to started
+        with contextlib.closing(sqlite3.connect(os.path.join(deployment.home, "airflow.db"))) as db:
+            (queued_at, started_at), = db.execute(
+                "SELECT queued_dttm, start_date FROM task_instance WHERE dag_id = 'e2e_wait'"
+                " AND task_id = 'wait' AND run_id = ?", (run_id,)).fetchall()
+        assert queued == pytest.approx(_db_time(started_at) - _db_time(queued_at), abs=1e-3)
+    else:  # the task runner is not told when it was queued
+        assert queued is None
     delay = value("flow_last_start_delay_seconds")
     if AIRFLOW_2:  # a manual run: its data interval ends at its logical date (the trigger)
         assert delay is not None and 0 <= delay < 240
