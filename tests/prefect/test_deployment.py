@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -73,9 +74,11 @@ class Deployment:
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
         from prefect import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-        with temporary_settings({PREFECT_API_URL: self.api}), \
+        # the deployment's storage: where `task.delay()` leaves a task's parameters
+        storage = os.path.join(self.env["PREFECT_HOME"], "storage")
+        with temporary_settings({PREFECT_API_URL: self.api, PREFECT_LOCAL_STORAGE_PATH: storage}), \
                 get_client(sync_client=True) as client:
             yield client
 
@@ -359,3 +362,61 @@ def test_a_served_run_cancelled_through_the_api_is_reported_cancelled(
     run, _ = ended_from_outside(deployment, "served-cancel", "cancel", deployment="s")
     assert run.state.is_cancelled()
     assert_final(deployment, "served-cancel", run, "cancelled")
+
+
+@pytest.fixture(scope="module")
+def task_worker(deployment: Deployment) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in deployment.env.items() if not k.startswith("PREFECT_PLUGINS_")}
+    proc = deployment.start(argv=[sys.executable, os.path.join(FLOWS, "task_worker.py")],
+                            env=env, log="task_worker.log")
+    wait_until(lambda: proc.poll() is not None or b"Subscribing to runs of task" in open(
+        os.path.join(deployment.tmp, "task_worker.log"), "rb").read(), 120, interval=0.2,
+        what="the task worker")
+    assert proc.poll() is None, deployment.log("task_worker.log")
+    # Its subscription opens after that line: a run submitted before is not
+    # delivered. Submit until one is.
+    for _ in range(10):
+        if task_run_final(deployment, submit(deployment, "tw_ok", 0), 10) is not None:
+            return proc
+    raise AssertionError("the task worker never ran a task: " + deployment.log("task_worker.log"))
+
+
+def submit(d: Deployment, name: str, *args: Any) -> Any:
+    """``task.delay(*args)`` for a task the task worker serves; the run's id."""
+    sys.path.insert(0, FLOWS)
+    import deployed_flows
+
+    with d.client():
+        return getattr(deployed_flows, name).delay(*args).task_run_id
+
+
+def task_run_final(d: Deployment, run_id: Any, timeout: float) -> Any:
+    """Prefect's task run once final; None if it is not within ``timeout``."""
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with d.client() as client:
+            try:
+                run = client.read_task_run(run_id)
+            except ObjectNotFound:  # `delay` creates the run in the background
+                run = None
+        if run is not None and run.state is not None and run.state.is_final():
+            return run
+        time.sleep(0.25)
+    return None
+
+
+@pytest.mark.parametrize(("name", "status"), [("tw_ok", "success"), ("tw_fail", "failed")])
+def test_a_task_worker_reports_the_runs_it_executes(deployment: Deployment, task_worker: Any,
+                                                     name: str, status: str) -> None:
+    run = task_run_final(deployment, submit(deployment, name, *([1] if name == "tw_ok" else [])),
+                         120)
+    assert run is not None, deployment.log("task_worker.log")
+    end = run.state.timestamp.timestamp()
+    d = deployment
+    d.wait_value("task_last_completion_timestamp_seconds", "none", name, expect=end)
+    assert d.value("task_last_status", "none", name, status=status) == 1
+    assert d.value("task_last_attempt", "none", name) == 1
+    assert d.value("task_last_duration_seconds", "none", name) == pytest.approx(
+        end - run.start_time.timestamp(), abs=1e-5)

@@ -75,3 +75,13 @@ def served_exit() -> None:
 def served_cancel(path: str) -> None:
     step(1)
     hold(path)
+
+
+@task(name="tw_ok")
+def tw_ok(x: int) -> int:
+    return x
+
+
+@task(name="tw_fail")
+def tw_fail() -> None:
+    raise ValueError("fails in a task worker")
