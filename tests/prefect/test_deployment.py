@@ -350,6 +350,12 @@ def test_a_sigkilled_served_run_is_crashed_by_the_runner(deployment: Deployment,
     assert_final(deployment, "served-kill", run, "crashed")
 
 
+def test_a_sigtermed_served_run_delivers_its_crash(deployment: Deployment, served: str) -> None:
+    run, _ = ended_from_outside(deployment, "served-term", "SIGTERM", deployment="s")
+    assert run.state.is_crashed() and "termination signal" in run.state.message
+    assert_final(deployment, "served-term", run, "crashed")
+
+
 def test_a_served_run_whose_process_exits_non_zero_is_crashed_by_the_runner(
         deployment: Deployment, served: str) -> None:
     run = deployment.final(deployment.run("served-exit", deployment="s"))

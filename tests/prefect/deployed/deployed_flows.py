@@ -71,6 +71,12 @@ def served_exit() -> None:
     os._exit(3)
 
 
+@flow(name="served-term", timeout_seconds=3600)
+def served_term(path: str) -> None:
+    step(1)
+    hold(path)
+
+
 @flow(name="served-cancel", timeout_seconds=3600)
 def served_cancel(path: str) -> None:
     step(1)

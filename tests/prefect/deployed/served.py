@@ -8,13 +8,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from deployed_flows import served_cancel, served_exit, served_kill, served_ok
+from deployed_flows import served_cancel, served_exit, served_kill, served_ok, served_term
 from prefect import serve
 
 if __name__ == "__main__":
     from orchestrator_push.prefect import instrument
 
     instrument()
-    serve(*(f.to_deployment(name="s") for f in (served_ok, served_exit, served_kill,
-                                                 served_cancel)),
+    flows = (served_ok, served_exit, served_kill, served_term, served_cancel)
+    serve(*(f.to_deployment(name="s") for f in flows),
           print_starting_message=False)
