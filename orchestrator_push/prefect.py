@@ -112,6 +112,7 @@ _PLUGIN_SETTINGS = (
 #: Our ``prefect.plugins`` entry point.
 PLUGIN = "orchestrator_push"
 _OUR_PLUGIN_SETTINGS = {"PREFECT_PLUGINS_ENABLED": "1", "PREFECT_PLUGINS_ALLOW": PLUGIN}
+_set_plugin_settings = False  # by _instrument_children, in this process
 
 
 def _instrument_children() -> None:
@@ -119,14 +120,20 @@ def _instrument_children() -> None:
     processes, a worker's flow-run processes) inherit the environment but never
     run the code that called ``instrument()``: let them load our plugin, and
     only ours, unless the user set Prefect's plugin settings."""
+    global _set_plugin_settings
     if not any(name in os.environ for name in _PLUGIN_SETTINGS):
         os.environ.update(_OUR_PLUGIN_SETTINGS)
+        _set_plugin_settings = True
 
 
 def _uninstrument_children() -> None:
-    if all(os.environ.get(k) == v for k, v in _OUR_PLUGIN_SETTINGS.items()):
-        for name in _OUR_PLUGIN_SETTINGS:
-            del os.environ[name]
+    """Remove what :func:`_instrument_children` set (not what the user set)."""
+    global _set_plugin_settings
+    if _set_plugin_settings:
+        for name, value in _OUR_PLUGIN_SETTINGS.items():
+            if os.environ.get(name) == value:
+                del os.environ[name]
+        _set_plugin_settings = False
 
 
 def _check_version(version: str) -> None:

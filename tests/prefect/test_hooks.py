@@ -114,3 +114,21 @@ def test_an_untested_prefect_version_is_named_once(caplog: pytest.LogCaptureFixt
         adapter._check_version("3.5.2")
     (line,) = [r.getMessage() for r in caplog.records]
     assert "Prefect 3.5.2 is not a tested version (tested: 3.8, 3.9)" in line
+
+
+def test_child_processes_get_our_plugin_unless_the_user_chose(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    adapter._instrument_children()
+    assert os.environ["PREFECT_PLUGINS_ENABLED"] == "1"
+    assert os.environ["PREFECT_PLUGINS_ALLOW"] == "orchestrator_push"
+    adapter._uninstrument_children()
+    assert "PREFECT_PLUGINS_ENABLED" not in os.environ
+    assert "PREFECT_PLUGINS_ALLOW" not in os.environ
+    # the user's own settings are never changed, nor removed
+    monkeypatch.setenv("PREFECT_PLUGINS_ENABLED", "1")
+    adapter._instrument_children()
+    assert "PREFECT_PLUGINS_ALLOW" not in os.environ
+    adapter._uninstrument_children()
+    assert os.environ["PREFECT_PLUGINS_ENABLED"] == "1"
