@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from gateway import Pushgateway, wait_until
 from prefect import flow, get_client, task
+from prefect_api import task_run_of
 
 import orchestrator_push as op
 from orchestrator_push.prefect import instrument, uninstrument
@@ -124,14 +125,8 @@ def history(run_id: Any, kind: str) -> list[Any]:
     return sorted(states, key=lambda s: s.timestamp)
 
 
-def task_run_id(flow_state: Any, name: str) -> Any:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-    (run,) = [r for r in runs if r.name.startswith(name)]
-    return run.id
+def task_run_id(flow_state: Any, name: str, ended: Any = lambda state: state.is_final()) -> Any:
+    return task_run_of(flow_state.state_details.flow_run_id, name, ended).id
 
 
 def seen_retry(gw: Pushgateway, flow: str, task: str | None) -> dict[str, float]:
@@ -201,7 +196,8 @@ def test_a_task_whose_upstream_failed_is_upstream_failed(gw: Pushgateway) -> Non
     state = attempts_upstream(return_state=True)
     assert state.is_completed()  # the flow returns normally: .wait() does not raise
     assert op.flush(10)
-    (not_ready,) = [s for s in history(task_run_id(state, "downstream"), "task")
+    run_id = task_run_id(state, "downstream", lambda s: s.name == "NotReady")
+    (not_ready,) = [s for s in history(run_id, "task")
                     if s.name == "NotReady"]
     assert value(gw, "task_last_status", "attempts-upstream", "downstream",
                  status="upstream_failed") == 1
@@ -214,7 +210,7 @@ def test_a_task_whose_upstream_failed_is_upstream_failed(gw: Pushgateway) -> Non
 
 
 CRASH = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from prefect import flow, get_client, task
     from prefect.testing.utilities import prefect_test_harness
     from orchestrator_push.prefect import instrument
@@ -235,7 +231,12 @@ CRASH = textwrap.dedent("""
         except SystemExit:
             pass
         with get_client(sync_client=True) as client:
-            (run,) = [r for r in client.read_task_runs() if r.name.startswith("exits")]
+            for _ in range(300):  # task runs are recorded from events, in the background
+                runs = [r for r in client.read_task_runs() if r.name.startswith("exits")]
+                if runs and runs[0].state is not None and runs[0].state.is_final():
+                    break
+                time.sleep(0.1)
+            (run,) = runs
             print(json.dumps({"type": run.state.type.value,
                               "end": run.state.timestamp.timestamp()}))
 """)

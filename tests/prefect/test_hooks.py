@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from gateway import Pushgateway
 from prefect import flow, get_client, task
+from prefect_api import task_run_of
 
 import orchestrator_push as op
 from orchestrator_push import prefect as adapter
@@ -62,11 +63,7 @@ def test_hooks_record_runs_without_instrument(gw: Pushgateway, tmp_path: Any) ->
     assert state.is_completed()
     assert op.flush(10)
     flow_run_id = state.state_details.flow_run_id
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        (task_run,) = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    task_run = task_run_of(flow_run_id, "hooked_task")
     f, t = states(flow_run_id, "flow"), states(task_run.id, "task")
     g = gw.group(job="prefect", flow="hooked-flow")
     assert g.value(f"{NS}_flow_last_status", status="success") == 1

@@ -35,7 +35,12 @@ SCRIPT = textwrap.dedent("""
         state = waiting(sys.argv[1], return_state=True)
         with get_client(sync_client=True) as client:
             run = client.read_flow_run(state.state_details.flow_run_id)
-            task_run = client.read_task_runs()[0]
+            for _ in range(300):  # task runs are recorded from events, in the background
+                task_runs = client.read_task_runs()
+                if task_runs and task_runs[0].start_time is not None:
+                    break
+                time.sleep(0.1)
+            task_run = task_runs[0]
         print("starts", run.start_time.timestamp(), task_run.start_time.timestamp(),
               run.expected_start_time.timestamp(), task_run.expected_start_time.timestamp(),
               flush=True)
