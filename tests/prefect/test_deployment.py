@@ -200,8 +200,8 @@ def served(deployment: Deployment) -> str:
 
     def runner() -> str | None:
         for g in deployment.gw.groups():
-            for labels, _ in g.metrics.get(f"{NS}_worker_up", []):
-                if labels.get("role") == "prefect-runner":
+            for labels, up in g.metrics.get(f"{NS}_worker_up", []):
+                if labels.get("role") == "prefect-runner" and up == 1:
                     return g.labels["instance"]
         return None
 
