@@ -183,11 +183,8 @@ def _wrap_hooks(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
                 try:
                     now = await _read(self, kind)
                 except Exception:
-                    warn_limited(
-                        "prefect-reread", "orchestrator_push: could not read a run's state"
-                    )
-                    return
-                _safely(_followed, self, ended, now, 0)
+                    now = None
+                _safely(_followed, self, ended, now)
 
         return acall_hooks
 
@@ -199,9 +196,8 @@ def _wrap_hooks(original: Callable[..., Any], kind: str) -> Callable[..., Any]:
             try:
                 now = _read(self, kind)
             except Exception:
-                warn_limited("prefect-reread", "orchestrator_push: could not read a run's state")
-                return
-            _safely(_followed, self, ended, now, 0)
+                now = None
+            _safely(_followed, self, ended, now)
 
     return call_hooks
 
@@ -222,14 +218,17 @@ def _user_hooks(engine: Any, kind: str, state: Any) -> bool:
 
 
 def _read(engine: Any, kind: str) -> Any:
-    """The run as the API has it (a coroutine for an async engine's client)."""
+    """The run as the API has it (awaitable for an async engine's client)."""
     if kind == "flow":
         return engine.client.read_flow_run(engine.flow_run.id)
     return engine.client.read_task_run(engine.task_run.id)
 
 
-def _followed(engine: Any, ended: Any, run: Any, count: int) -> None:
+def _followed(engine: Any, ended: Any, run: Any) -> None:
     """A hook set another final state than the one recorded: record that one."""
+    if run is None:
+        warn_limited("prefect-reread", "orchestrator_push: could not read a run's state")
+        return
     now = run.state
     if now is None or not now.is_final() or now.type == ended.type:
         return
@@ -258,10 +257,10 @@ def _before(engine: Any) -> tuple[Any, int]:
         return None, 0
 
 
-def _safely(record: Callable[..., None], engine: Any, left: Any, new: Any, count: int) -> None:
+def _safely(record: Callable[..., None], engine: Any, *args: Any) -> None:
+    """``record(engine, *args)``, never raising."""
     try:
-        if new is not None:
-            record(engine, left, new, count)
+        record(engine, *args)
     except Exception:
         warn_limited("prefect-record", "orchestrator_push: could not record a Prefect run")
 
