@@ -129,8 +129,6 @@ def run_celery(gateway: Pushgateway, say: Say = print) -> None:
             "prefork",
             "-c",
             "2",
-            "--max-tasks-per-child",
-            "5",
             "-l",
             "warning",
         ],

@@ -53,6 +53,14 @@ class Worker:
         with open(self.log, errors="replace") as f:
             return f.read()
 
+    def pool(self) -> set[int]:
+        """The pids of the worker's pool processes (its main process's children)."""
+        pids: set[int] = set()
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            with open(f"/proc/{self.proc.pid}/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        return pids
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Warm shutdown (SIGTERM) by default; returns the exit code."""
         if self.proc.poll() is None:

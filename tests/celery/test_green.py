@@ -20,7 +20,7 @@ if POOL not in ("gevent", "eventlet"):
 def test_counts_are_exact(pushgateway: Pushgateway, app, start_worker) -> None:
     worker = start_worker(pushgateway.url, "--pool", POOL, "-c", "10")
     results = [app.ok.delay(i) for i in range(30)] + [app.fail.delay() for _ in range(3)]
-    wait_results(results)
+    wait_results(results, worker)
     settle(pushgateway, {"success": 30.0, "failed": 3.0}, worker)
     node = next(g for g in pushgateway.groups() if "instance" in g.labels)
     assert node.labels["instance"].startswith("w1@")
