@@ -8,13 +8,15 @@ calls ``fn(module)`` once the module has been executed, by whatever import.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import importlib.abc
 
 from .logs import warn_limited
 
@@ -52,7 +54,7 @@ def _call(hook: Hook, module: ModuleType) -> None:
         warn_limited("after-import", "orchestrator_push: could not patch %s", module.__name__)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:  # a meta path finder by protocol: importlib.abc costs an import
     """Finds nothing itself: for a watched name it asks the finders after it
     and wraps the loader they return."""
 
@@ -70,11 +72,11 @@ class _Finder(importlib.abc.MetaPathFinder):
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _Loader(spec.loader)
+            spec.loader = cast("importlib.abc.Loader", _Loader(spec.loader))
         return spec
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     def __init__(self, loader: Any) -> None:
         self._loader = loader
 

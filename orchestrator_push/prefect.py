@@ -92,6 +92,11 @@ def instrument() -> None:
     _instrument_children()
 
 
+def instrumented() -> bool:
+    """Whether :func:`instrument` is in effect in this process."""
+    return bool(_originals)
+
+
 def uninstrument() -> None:
     """Undo :func:`instrument`; runs that start afterwards are not reported."""
     with _lock:

@@ -27,3 +27,14 @@ def _plugin_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     each test starts, and ends, with the environment it was given."""
     for name in ("PREFECT_PLUGINS_ENABLED", "PREFECT_PLUGINS_ALLOW"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def api_url() -> str:
+    """The session server's API, for a child process to use instead of starting
+    a server of its own (tens of seconds each)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    assert url, "no Prefect API URL in the session's settings"
+    return str(url)

@@ -110,10 +110,20 @@ def test_gateway_down_leaves_the_flow_state_unchanged(monkeypatch: pytest.Monkey
         uninstrument()
 
 
-def test_zero_code_plugin_in_a_subprocess(pushgateway: Pushgateway) -> None:
+def zero_code(script: str, gw: Pushgateway, api_url: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter with Prefect's plugins switched on."""
+    env = {**os.environ, "PREFECT_PLUGINS_ENABLED": "1", "ORCHESTRATOR_PUSH_URL": gw.url,
+           "PREFECT_API_URL": api_url}
+    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_zero_code_plugin_in_a_subprocess(pushgateway: Pushgateway, api_url: str) -> None:
     script = textwrap.dedent("""
         from prefect import flow, task
-        from prefect.testing.utilities import prefect_test_harness
 
         @task
         def hello() -> str:
@@ -123,16 +133,57 @@ def test_zero_code_plugin_in_a_subprocess(pushgateway: Pushgateway) -> None:
         def zero() -> None:
             hello()
 
-        with prefect_test_harness(server_startup_timeout=90):
-            zero()
+        zero()
     """)
-    env = {**os.environ, "PREFECT_PLUGINS_ENABLED": "1", "ORCHESTRATOR_PUSH_URL": pushgateway.url,
-           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": ""}
-    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                       timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
+    zero_code(script, pushgateway, api_url)
     g = pushgateway.group(job="prefect", flow="zero-code", task="hello")
     assert g.value(f"{NS}_task_last_status", status="success") == 1
     f = pushgateway.group(job="prefect", flow="zero-code")
     assert f.value(f"{NS}_flow_last_status", status="success") == 1
+
+
+def test_zero_code_when_prefect_is_first_imported_inside_an_event_loop(
+        pushgateway: Pushgateway, api_url: str) -> None:
+    # Prefect's loader runs plugins with anyio.run, which fails in a running loop;
+    # orchestrator_push.pth instruments after the import instead.
+    script = textwrap.dedent("""
+        import asyncio
+
+        async def main() -> None:
+            from prefect import flow, task  # the first import of prefect
+
+            @task
+            def hello() -> str:
+                return "hi"
+
+            @flow(name="in-a-loop")
+            async def looped() -> None:
+                hello()
+
+            await looped()
+
+        asyncio.run(main())
+    """)
+    p = zero_code(script, pushgateway, api_url)
+    assert "Failed to initialize plugins" in p.stderr  # Prefect's loader did fail
+    assert "instrumented after the import instead" in p.stderr
+    g = pushgateway.group(job="prefect", flow="in-a-loop", task="hello")
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    f = pushgateway.group(job="prefect", flow="in-a-loop")
+    assert f.value(f"{NS}_flow_last_status", status="success") == 1
+
+
+@pytest.mark.parametrize(("settings", "on"), [
+    ({"enabled": True}, True),
+    ({"enabled": False}, False),
+    ({"enabled": True, "safe_mode": True}, False),
+    ({"enabled": True, "allow": {"orchestrator_push", "other"}}, True),
+    ({"enabled": True, "allow": {"other"}}, False),
+    ({"enabled": True, "deny": {"orchestrator_push"}}, False),
+])
+def test_the_start_up_hook_follows_prefects_plugin_settings(settings: dict, on: bool) -> None:  # type: ignore[type-arg]
+    from types import SimpleNamespace
+
+    from orchestrator_push.prefect_startup import switched_on
+
+    assert switched_on(SimpleNamespace(**settings)) is on
