@@ -36,6 +36,7 @@ DEPLOYMENTS = {
     "deployed-kill": "deployed_kill",
     "deployed-term": "deployed_term",
     "deployed-cancel": "deployed_cancel",
+    "deployed-unsubmittable": "deployed_unsubmittable",
 }
 SETUP = textwrap.dedent("""
     import sys
@@ -45,8 +46,10 @@ SETUP = textwrap.dedent("""
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name=sys.argv[1], type="process"))
     for name, attr in (pair.split("=") for pair in sys.argv[3:]):
+        broken = {"command": "/nonexistent/orchestrator-push-test"}  # the worker cannot start it
         flow.from_source(source=sys.argv[2], entrypoint=f"deployed_flows.py:{attr}").deploy(
-            name="d", work_pool_name=sys.argv[1], print_next_steps=False)
+            name="d", work_pool_name=sys.argv[1], print_next_steps=False,
+            job_variables=broken if attr == "deployed_unsubmittable" else {})
 """)
 
 pytestmark = pytest.mark.timeout(300)
@@ -272,6 +275,14 @@ def test_a_run_whose_process_exits_non_zero_is_crashed_by_the_worker(
     run = deployment.final(deployment.run("deployed-exit"))
     assert run.state.is_crashed() and "status code: 3" in run.state.message
     assert_final(deployment, "deployed-exit", run, "crashed")
+
+
+def test_a_run_the_worker_cannot_start_is_crashed_by_the_worker(deployment: Deployment) -> None:
+    flow = "deployed-unsubmittable"
+    run = deployment.final(deployment.run(flow))
+    # Prefect 3.9: "Flow run could not start: ...", proposed in the worker's process
+    assert run.state.is_crashed(), run.state
+    assert_final(deployment, flow, run, "crashed")
 
 
 def ended_from_outside(d: Deployment, flow: str, how: str,

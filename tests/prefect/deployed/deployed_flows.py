@@ -91,3 +91,8 @@ def tw_ok(x: int) -> int:
 @task(name="tw_fail")
 def tw_fail() -> None:
     raise ValueError("fails in a task worker")
+
+
+@flow(name="deployed-unsubmittable")
+def deployed_unsubmittable() -> None:
+    """Deployed with a command that does not exist: the worker cannot start it."""
