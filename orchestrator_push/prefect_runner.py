@@ -12,7 +12,11 @@ it (end and start times). Our part never raises into the worker.
 
 The worker and the runner also push their liveness (``worker_up``,
 ``worker_last_seen_timestamp_seconds``; role ``prefect-worker`` or
-``prefect-runner``, ``instance`` = its name) from start to a clean stop.
+``prefect-runner``, ``instance`` = its name) from start to a clean stop. A
+runner that a worker starts for itself (Prefect 3.8's process worker does) is
+part of that worker, not a node of its own: its name is a fresh ``runner-<uuid>``
+at every start, so as a node it would leave a group saying "down" behind each
+restart.
 
 The modules are patched when they are imported (a flow-run process never
 imports them), see :mod:`.after_import`.
@@ -21,8 +25,10 @@ imports them), see :mod:`.after_import`.
 from __future__ import annotations
 
 import functools
+import sys
+import weakref
 from collections.abc import Awaitable, Callable
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
 
 from . import after_import, runtime
@@ -40,6 +46,9 @@ _RUNNER = "prefect.runner.runner"
 # (module, class, method) -> the original
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _flow_names: dict[Any, str] = {}  # flow id -> name, bounded
+_workers_runners: weakref.WeakSet[Any] = weakref.WeakSet()  # started by a worker: no node
+#: How many callers up to look for a worker starting a runner.
+_OWNER_DEPTH = 8
 
 
 def patch() -> None:
@@ -184,7 +193,10 @@ def _up(role: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., An
     def make(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         async def start(self: Any, *a: Any, **kw: Any) -> Any:
             result = await original(self, *a, **kw)
-            _register(self, role)
+            if role == RUNNER_ROLE and _started_by_a_worker():
+                _workers_runners.add(self)
+            else:
+                _register(self, role)
             return result
 
         return start
@@ -200,6 +212,26 @@ def _down(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     return stop
 
 
+def _started_by_a_worker() -> bool:
+    """A worker's method is among the callers (awaiting coroutines keep their
+    frames linked), i.e. the runner is the worker's own."""
+    base = sys.modules.get(_WORKER)
+    worker = getattr(base, "BaseWorker", None)
+    if worker is None:
+        return False
+    try:
+        frame: FrameType | None = sys._getframe(2)
+    except ValueError:
+        return False
+    for _ in range(_OWNER_DEPTH):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), worker):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @never_raises
 def _register(obj: Any, role: str) -> None:
     engine = runtime.get_engine()
@@ -209,6 +241,8 @@ def _register(obj: Any, role: str) -> None:
 
 @never_raises
 def _unregister(obj: Any) -> None:
+    if obj in _workers_runners:
+        return
     engine = runtime.get_engine()
     if engine is not None:
         engine.node_down(_node(obj), FRAMEWORK)

@@ -258,6 +258,10 @@ def test_the_worker_pushes_its_liveness(deployment: Deployment) -> None:
     assert worker_value(deployment, "worker_up") == 1
     wait_until(lambda: (worker_value(deployment, "worker_last_seen_timestamp_seconds") or 0)
                > first, 10, interval=0.1, what="a newer last-seen time")
+    # The worker is the only node: Prefect 3.8's process worker starts a runner of its
+    # own (a new runner-<uuid> each time), which must not be a node beside it.
+    nodes = [g.labels for g in deployment.gw.groups() if f"{NS}_worker_up" in g.metrics]
+    assert nodes == [{"job": "prefect", "instance": WORKER}], nodes
 
 
 def test_a_deployment_run_reports_its_lateness(deployment: Deployment) -> None:
