@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Imported on first use: ``import orchestrator_push.prefect_startup`` runs at
+# Imported on first use: ``orchestrator_push.prefect_startup`` is imported at
 # every interpreter start where Prefect's plugins are switched on, and must not
 # pay for the delivery core (prometheus_client, urllib3) in processes that never
 # import Prefect.

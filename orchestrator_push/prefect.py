@@ -32,6 +32,7 @@ from typing import Any
 
 from . import prefect_runner, runtime
 from .logs import emit, warn_limited
+from .prefect_startup import PLUGIN
 from .records import (
     CANCELLED,
     CRASHED,
@@ -114,8 +115,6 @@ _PLUGIN_SETTINGS = (
     "PREFECT_EXPERIMENTS_PLUGINS_ENABLED",
     "PREFECT_EXPERIMENTS_PLUGINS_ALLOW",
 )
-#: Our ``prefect.plugins`` entry point.
-PLUGIN = "orchestrator_push"
 _OUR_PLUGIN_SETTINGS = {"PREFECT_PLUGINS_ENABLED": "1", "PREFECT_PLUGINS_ALLOW": PLUGIN}
 _set_plugin_settings = False  # by _instrument_children, in this process
 

@@ -3,10 +3,11 @@
 Prefect runs its plugins during ``import prefect`` with ``anyio.run``, which
 fails when ``prefect`` is first imported inside a running event loop (an async
 application, a notebook): Prefect logs "Failed to initialize plugins" and no
-plugin runs. ``orchestrator_push.pth`` imports this module at interpreter start
-when ``PREFECT_PLUGINS_ENABLED`` (or its older alias) is in the environment; it
-waits for ``prefect`` to be imported, then does what the plugin would have done
-if Prefect's own settings switch our plugin on and nothing has run it.
+plugin runs. ``orchestrator_push.pth`` calls :func:`install` at interpreter
+start when ``PREFECT_PLUGINS_ENABLED`` (or its older alias) is in the
+environment: it waits for ``prefect`` to be imported, then does what the plugin
+would have done if Prefect's own settings switch our plugin on and nothing has
+run it. Importing this module does nothing else.
 """
 
 from __future__ import annotations
@@ -51,4 +52,6 @@ def _after_prefect(_: ModuleType) -> None:
     )
 
 
-when_imported("prefect", _after_prefect)
+def install() -> None:
+    """Watch for ``import prefect`` (now, if it is imported already)."""
+    when_imported("prefect", _after_prefect)
