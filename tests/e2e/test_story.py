@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -114,7 +115,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 19  # rules.yml, thresholds.yml, short_limits.yml
+    assert len(all_rules) == 22  # rules.yml, thresholds.yml, short_limits.yml
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
@@ -317,4 +318,75 @@ def test_a_killed_run_without_a_limit_raises_the_vanished_alert(
     (alert,) = [a for a in rules(prom)["OrchestratorTaskVanished"]["alerts"]
                 if a["state"] == "firing"]
     assert "orchestrator-push status --job vanishing" in alert["annotations"]["description"]
-    assert firing(prom, "OrchestratorTaskHung", "job") == set()
+    assert ("vanishing",) not in firing(prom, "OrchestratorTaskHung", "job")
+
+
+def test_a_killed_run_past_its_limit_raises_the_hung_alert(
+        prom: Prometheus, gw: Pushgateway) -> None:
+    """kill -9 of `exec --timeout 10s` mid-run: nothing stops or ends it; 10 s
+    plus its flow's grace (1 s, short_limits.yml) after its start, it is hung."""
+    killed_exec(gw, "hanging", "--timeout", "10s", until=lambda: any(
+        "orchestrator_task_timeout_seconds" in g.metrics
+        for g in gw.groups() if g.labels.get("job") == "hanging"))
+    g = gw.group(job="hanging", flow="hanging", task="main")
+    assert g.value("orchestrator_task_timeout_seconds") == 10
+    assert "orchestrator_task_last_completion_timestamp_seconds" not in g.metrics
+    started = g.value("orchestrator_task_last_start_timestamp_seconds")
+    wait_until(lambda: ("hanging", "hanging", "main") in firing(
+        prom, "OrchestratorTaskHung", "job", "flow", "task"), 60, interval=0.5,
+        what="OrchestratorTaskHung")
+    assert time.time() - started > 11  # not before its limit and grace
+    assert firing(prom, "OrchestratorTaskHung", "job", "flow", "task") == {
+        ("hanging", "hanging", "main")}
+    (alert,) = [a for a in rules(prom)["OrchestratorTaskHung"]["alerts"]
+                if a["state"] == "firing"]
+    assert alert["labels"]["severity"] == "critical"
+    assert "orchestrator-push status --job hanging" in alert["annotations"]["description"]
+    # it has a limit: "hung", never "vanished"
+    assert ("hanging",) not in firing(prom, "OrchestratorTaskVanished", "job")
+
+
+def test_a_sigkilled_airflow_task_raises_the_vanished_alert(
+        prom: Prometheus, gw: Pushgateway, tmp_path: Any) -> None:
+    """A real Airflow task (dag.test()) whose process group is SIGKILLed mid-run:
+    its start is at the gateway, its end never comes; with no execution_timeout
+    and its flow's 2 s maximum (short_limits.yml), OrchestratorTaskVanished fires."""
+    python = story.framework_python("airflow")
+    bindir = os.path.dirname(python)
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    dag_file = dags / "vanishing_dag.py"
+    with open(os.path.join(os.path.dirname(__file__), "vanishing_dag.py")) as f:
+        dag_file.write_text(f.read())
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_PUSH_")},
+           "ORCHESTRATOR_PUSH_URL": gw.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
+           "ORCHESTRATOR_PUSH_SPOOL_DIR": str(tmp_path / "spool"),
+           "AIRFLOW_HOME": str(tmp_path / "home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    subprocess.run([os.path.join(bindir, "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True, timeout=300)
+
+    def started() -> bool:
+        return any("orchestrator_task_last_start_timestamp_seconds" in g.metrics
+                   for g in gw.groups()
+                   if g.labels.get("flow") == "airflow_vanishing" and g.labels.get("task") == "hold")
+
+    proc = subprocess.Popen([python, str(dag_file)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(started, 120, interval=0.2, what="the start of airflow_vanishing/hold")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    g = gw.group(job="airflow", flow="airflow_vanishing", task="hold")
+    assert "orchestrator_task_last_completion_timestamp_seconds" not in g.metrics
+    assert "orchestrator_task_timeout_seconds" not in g.metrics
+    key = ("airflow", "airflow", "airflow_vanishing", "hold")
+    wait_until(lambda: key in firing(prom, "OrchestratorTaskVanished",
+                                     "job", "framework", "flow", "task"),
+               60, interval=0.5, what="OrchestratorTaskVanished for the Airflow task")
+    assert ("airflow_vanishing",) not in firing(prom, "OrchestratorTaskHung", "flow")
