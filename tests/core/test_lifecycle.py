@@ -137,3 +137,30 @@ def test_a_fork_waits_for_a_log_line_of_ours_being_written() -> None:
         t.join(10)
     finally:
         logs.log.removeHandler(handler)
+
+
+SENDER_IMPORTS = textwrap.dedent("""
+    import sys, threading, time
+    from orchestrator_push import runtime, TaskRecord
+    seen = set()
+    def hook(event, args):
+        if event == "import" and threading.current_thread() is not threading.main_thread():
+            seen.add(args[0])
+    sys.addaudithook(hook)
+    for url in sys.argv[1:]:
+        runtime.configure(url=url, interval=0.05, spool_dir="off", flush_timeout=1)
+        runtime.record_task(TaskRecord("exec", "f", "t", "success", end_time=1.0, duration=0.1))
+        runtime.flush(1)
+    print(sorted(seen))
+""")
+
+
+def test_the_sender_imports_nothing_on_its_own_thread(pushgateway: Pushgateway) -> None:
+    """A fork during an import on our thread leaves the child that module's lock,
+    held by a thread it does not have: the child hangs at its next import of it
+    (a Celery pool child resolving the result backend's host: encodings.idna)."""
+    down = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.run([sys.executable, "-c", SENDER_IMPORTS, pushgateway.url, down],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
