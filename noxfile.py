@@ -36,6 +36,13 @@ def core(session: nox.Session) -> None:
     session.run("pytest", "tests/core", *session.posargs)
 
 
+@nox.session(python=PYTHON)
+def counts(session: nox.Session) -> None:
+    """Many concurrent short-lived processes counting on one host (a minute or two)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "tests/counts", *session.posargs)
+
+
 @nox.session
 @nox.parametrize(("python", "celery"), [("3.11", "5.4"), ("3.11", "5.7"), ("3.12", "5.7")])
 def celery(session: nox.Session, celery: str) -> None:

@@ -20,7 +20,9 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
+from . import host_counts
 from .config import Config
+from .host_counts import HostCounts
 from .ledger import Ledger, Loss, Stats
 from .logs import emit, warn_limited
 from .records import FlowRecord, TaskRecord
@@ -99,6 +101,7 @@ class Engine:
         self._warned_cap = False
         self._credentials_refused = False
         self._exit_failed_pending: int | None = None  # see flush_at_exit
+        self._hosts: dict[str, HostCounts] = {}  # by job
 
     def _stopping(self) -> bool:
         return self._sender.stopping
@@ -115,10 +118,13 @@ class Engine:
         rec: TaskRecord,
         *,
         cumulative: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None,
+        count_on_host: bool = False,
     ) -> None:
         """Record a finished attempt. With ``cumulative`` (a mapping, or a tuple of
         (name, value) pairs, which costs less), also count it in the counters
-        group whose extra grouping labels are ``cumulative``."""
+        group whose extra grouping labels are ``cumulative``. With
+        ``count_on_host`` (a short-lived process), count it in the host's
+        store instead, pushed at :meth:`flush` (host_counts.py)."""
         try:
             admitted = self._admit(rec)
             if admitted is None:
@@ -127,6 +133,8 @@ class Engine:
             with self._lock:
                 ok = self._table.fold_task(admitted, counters)
                 self._ledger.recorded()
+            if count_on_host and self.config.spool_dir:  # the store lives beside the spool
+                self._host_counts(admitted.framework).add(admitted)
             self._after_record(ok)
         except Exception:  # nothing may reach the user's task
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
@@ -307,10 +315,35 @@ class Engine:
                 settled = self._wait(target, deadline, replay)
             if not settled:
                 settled = self._spool_pending()
+            self._deliver_host_counts(deadline)
             return self._ledger.lost_since_last_look() == 0 and settled
         except Exception:
             warn_limited("flush", "orchestrator_push: flush failed", level=logging.ERROR)
             return False
+
+    def _host_counts(self, framework: str) -> HostCounts:
+        job = self.config.job or framework
+        with self._lock:
+            h = self._hosts.get(job)
+            if h is None:
+                h = self._hosts[job] = HostCounts(
+                    self.config.spool_dir or "", host_counts.group_key(job, self.config.labels)
+                )
+            return h
+
+    def _deliver_host_counts(self, deadline: float) -> None:
+        """On the caller's thread: a short-lived process's counts go at its flush.
+        Not delivered (the gateway down, the store busy) means kept on the host."""
+        with self._lock:
+            hosts = [h for h in self._hosts.values() if h.pending()]
+        if not hosts or not self.config.enabled:
+            return
+        transport = self._make_transport(self.config)
+        try:
+            for h in hosts:
+                h.deliver(transport, self.config.namespace, deadline, self._ledger)
+        finally:
+            transport.close()
 
     def _wait(self, target: int, deadline: float, replay: bool) -> bool:
         s = self._sender

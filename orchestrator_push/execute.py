@@ -46,12 +46,20 @@ def run_and_report(
             end_time=started_wall + duration,
             duration=duration,
             exit_code=code,
-        )
+        ),
+        count_on_host=True,  # runs of every process on this host add up
     )
     delivered = engine.flush_at_exit()  # its own record only: nobody else's files
     engine.close(0)
     stats = engine.stats()
-    if config.enabled and (not delivered or stats.spooled):
+    if config.enabled and stats.lost:
+        reasons = ", ".join(sorted(stats.lost))
+        print(
+            f"orchestrator-push: warning: records of job {job!r} given up on ({reasons}; "
+            f"see orchestrator_push_records_dropped_total); exit code {code} kept",
+            file=sys.stderr,
+        )
+    elif config.enabled and (not delivered or stats.spooled):
         why = ", ".join(sorted(stats.push_failures)) or "no answer"
         kept = (
             f"; spooled to {config.spool_dir} for the next run that reaches it" if delivered else ""

@@ -29,6 +29,7 @@ class Loss(str, Enum):
     RELAY_BACKLOG_FULL = "relay_backlog_full"  # a Celery pool child's pipe stayed full
     RELAY_TOO_LARGE = "relay_too_large"  # a record too large for one atomic pipe write
     RELAY_BROKEN = "relay_broken"  # the pool child's parent was gone
+    HOST_COUNTS_ERROR = "host_counts_error"  # the host's count store could not be written
 
     def __str__(self) -> str:
         return self.value

@@ -303,6 +303,38 @@ class Cumulative:
                 qs = self.queued[qkey] = _shared(self._queued_sent, labels)
             qs.observe(q)
 
+    def dump(self) -> list[dict[str, object]]:
+        """Runs and durations as plain data (queue waits are not carried)."""
+        return [
+            {"labels": s.labels, "count": s.count, "sum": s.total, "buckets": s.buckets}
+            for s in self._sent.values()
+        ]
+
+    def absorb(self, rows: Iterable[Mapping[str, object]]) -> None:
+        """Add what :meth:`dump` wrote. Raises ValueError on a row of another
+        shape (another bucket layout): nothing of that call is added then."""
+        parsed = []
+        for row in rows:
+            labels, buckets = row["labels"], row["buckets"]
+            if not isinstance(labels, list) or len(labels) != 4:
+                raise ValueError("labels")
+            if not isinstance(buckets, list) or len(buckets) != len(DURATION_BUCKETS):
+                raise ValueError("buckets")
+            count, total = row["count"], row["sum"]
+            if not isinstance(count, int) or not isinstance(total, (int, float)):
+                raise ValueError("count")
+            parsed.append(
+                ([str(v) for v in labels], count, float(total), [int(n) for n in buckets])
+            )
+        for labels, count, total, counts in parsed:
+            s = _shared(self._sent, labels)
+            s.count += count
+            s.total += total
+            s.buckets = [a + b for a, b in zip(s.buckets, counts, strict=True)]
+
+    def __len__(self) -> int:
+        return sum(s.count for s in self._sent.values())
+
     def tasks(self) -> list[tuple[str, str]]:
         """The (flow, task) names counted here (as sent)."""
         return list(dict.fromkeys((s.labels[1], s.labels[2]) for s in self._sent.values()))

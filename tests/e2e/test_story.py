@@ -115,7 +115,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 22  # rules.yml, thresholds.yml, short_limits.yml
+    assert len(all_rules) == 24  # rules.yml, thresholds.yml, short_limits.yml
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
@@ -213,11 +213,19 @@ EXPECTED_PANELS: dict[str, Any] = {
         {(f, fl) for f, fl, _ in FAILED_TASKS},
     # no task's last attempt is a retry once the examples end
     "Retries over time": lambda res: res == [],
-    "Celery throughput by task and outcome": lambda res: tuples(res, "task", "status") == {
-        ("shop.charge", "success"), ("shop.ship", "success"), ("shop.ship", "retry"),
-        ("shop.refund", "failed")},
-    "Celery p95 duration by task": lambda res:
-        tuples(res, "task") == {("shop.charge",), ("shop.ship",), ("shop.refund",)},
+    # Celery's workers and the exec runs (counted per host) carry counters
+    "Throughput by task and outcome": lambda res: tuples(res, "framework", "task", "status") == {
+        ("celery", "shop.charge", "success"), ("celery", "shop.ship", "success"),
+        ("celery", "shop.ship", "retry"), ("celery", "shop.refund", "failed"),
+        ("exec", "dump", "success"), ("exec", "upload", "failed")},
+    "p95 duration by task": lambda res: tuples(res, "framework", "task") == {
+        ("celery", "shop.charge"), ("celery", "shop.ship"), ("celery", "shop.refund"),
+        ("exec", "dump"), ("exec", "upload")},
+    # only tasks whose counters grew between two scrapes have a ratio (0 / 0 is none)
+    "Failure ratio by task (last hour)": lambda res: tuples(res, "framework", "task") <= {
+        ("celery", "shop.charge"), ("celery", "shop.ship"), ("celery", "shop.refund"),
+        ("exec", "dump"), ("exec", "upload")} and all(
+        0 <= float(r["value"][1]) <= 1 for r in res),
     # the example's worker shut down cleanly: up 0, so not down
     "Workers down (up, not seen for 2 min)": lambda res: float(res[0]["value"][1]) == 0,
     "Seconds since each worker was last seen": lambda res:

@@ -1,0 +1,134 @@
+"""Counts of `exec` runs added up per host (host_counts.py): real processes,
+a real gateway, the store's file lock held by this test where it says so."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+
+import pytest
+from gateway import Pushgateway, free_port
+from test_exec import cli
+
+from orchestrator_push import host_counts, schema
+from orchestrator_push.records import TaskRecord
+
+NS = "orchestrator"
+
+
+def run_exec(url: str, spool: str, code: int = 0, job: str = "cron",
+             **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "ORCHESTRATOR_PUSH_URL": url, "ORCHESTRATOR_PUSH_SPOOL_DIR": spool,
+            **env}
+    return subprocess.run([*cli(), "exec", "--job", job, "--", "sh", "-c", f"exit {code}"],
+                          env=full, capture_output=True, text=True, timeout=60)
+
+
+def host_group(gw: Pushgateway, job: str = "cron") -> dict[str, float]:
+    g = gw.group(job=job, instance=host_counts.instance())
+    return {labels["status"]: v for labels, v in g.metrics[f"{NS}_task_runs_total"]}
+
+
+def store_of(spool: str, job: str = "cron") -> host_counts.HostCounts:
+    return host_counts.HostCounts(spool, host_counts.group_key(job, {}))
+
+
+def test_runs_of_separate_processes_add_up_in_one_group(pushgateway: Pushgateway,
+                                                        tmp_path: object) -> None:
+    spool = os.path.join(str(tmp_path), "spool")
+    for code in (0, 0, 3):
+        assert run_exec(pushgateway.url, spool, code).returncode == code
+    assert host_group(pushgateway) == {"success": 2, "failed": 1}
+    g = pushgateway.group(job="cron", instance=host_counts.instance())
+    assert g.value(f"{NS}_task_duration_seconds", __count__="1", status="success",
+                   framework="exec", flow="cron", task="main") == 2
+    # the last run's own group is as before
+    last = pushgateway.group(job="cron", flow="cron", task="main")
+    assert last.value(f"{NS}_task_last_exit_code") == 3
+
+
+def test_counts_wait_on_the_host_while_the_gateway_is_down(tmp_path: object) -> None:
+    spool = os.path.join(str(tmp_path), "spool")
+    port = free_port()
+    p = run_exec(f"http://127.0.0.1:{port}", spool, 0, ORCHESTRATOR_PUSH_FLUSH_TIMEOUT="1")
+    assert p.returncode == 0
+    assert os.path.exists(store_of(spool).store)
+    from gateway import start
+    gw = start(port=port)
+    try:
+        assert run_exec(gw.url, spool, 4).returncode == 4
+        assert host_group(gw) == {"success": 1, "failed": 1}  # the earlier run too
+    finally:
+        gw.stop()
+
+
+def test_a_locked_store_leaves_the_counts_for_the_next_run(pushgateway: Pushgateway,
+                                                          tmp_path: object) -> None:
+    spool = os.path.join(str(tmp_path), "spool")
+    assert run_exec(pushgateway.url, spool, 0).returncode == 0
+    lock = store_of(spool).store[: -len(".json")] + ".lock"
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a process stuck while holding it
+        p = run_exec(pushgateway.url, spool, 0, ORCHESTRATOR_PUSH_FLUSH_TIMEOUT="0.5")
+        assert p.returncode == 0
+        pending = [n for n in os.listdir(os.path.dirname(lock)) if n.startswith("pending-")]
+        assert len(pending) == 1
+        assert host_group(pushgateway) == {"success": 1}
+    finally:
+        os.close(fd)
+    assert run_exec(pushgateway.url, spool, 0).returncode == 0
+    assert host_group(pushgateway) == {"success": 3}
+    assert not [n for n in os.listdir(os.path.dirname(lock)) if n.startswith("pending-")]
+
+
+def test_a_damaged_store_starts_again_and_is_kept(pushgateway: Pushgateway,
+                                                 tmp_path: object) -> None:
+    spool = os.path.join(str(tmp_path), "spool")
+    assert run_exec(pushgateway.url, spool, 0).returncode == 0
+    store = store_of(spool).store
+    with open(store, "w") as f:
+        f.write("{not json")
+    p = run_exec(pushgateway.url, spool, 0)
+    assert p.returncode == 0
+    assert host_group(pushgateway) == {"success": 1}  # a reset Prometheus reads as one
+    assert [n for n in os.listdir(os.path.dirname(store)) if ".bad-" in n]
+
+
+def test_an_unwritable_store_is_counted_as_lost_and_the_run_keeps_its_code(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    if os.geteuid() == 0:
+        spool = "/proc/orchestrator-push-not-writable"  # not even root writes there
+    else:
+        spool = os.path.join(str(tmp_path), "ro")
+        os.makedirs(spool)
+        os.chmod(spool, 0o500)
+    p = run_exec(pushgateway.url, spool, 5)
+    assert p.returncode == 5
+    assert "given up on (host_counts_error;" in p.stderr
+    last = pushgateway.group(job="cron", flow="cron", task="main")
+    assert last.value(f"{NS}_task_last_exit_code") == 5  # the run itself is reported
+
+
+def test_spool_off_means_no_host_counts(pushgateway: Pushgateway) -> None:
+    assert run_exec(pushgateway.url, "off", 0).returncode == 0
+    assert pushgateway.group(job="cron", flow="cron", task="main")
+    with pytest.raises(KeyError):
+        pushgateway.group(job="cron", instance=host_counts.instance())
+
+
+def test_dump_and_absorb_round_trip_and_refuse_another_layout() -> None:
+    a = schema.Cumulative()
+    for status, d in (("success", 0.2), ("success", 40.0), ("failed", 1.0)):
+        a.add(TaskRecord("exec", "f", "t", status, end_time=1.0, duration=d))
+    b = schema.Cumulative()
+    b.absorb(a.dump())
+    b.absorb(a.dump())
+    assert len(b) == 6
+    assert schema.encode(b.families(NS)).count(b"\n") == schema.encode(a.families(NS)).count(b"\n")
+    rows = a.dump()
+    rows[1] = {**rows[1], "buckets": [0, 1]}
+    with pytest.raises(ValueError):
+        b.absorb(rows)
+    assert len(b) == 6  # nothing of the refused call added
