@@ -35,6 +35,8 @@ from .transport import HttpTransport, Transport
 
 #: How often a sender that reaches the gateway looks at the spool.
 REPLAY_EVERY = 30.0
+#: How long a sender cycle waits for the host count store's lock (the next cycle tries again).
+HOST_LOCK_WAIT = 0.2
 
 _INF = float("inf")
 _R = TypeVar("_R", TaskRecord, FlowRecord)
@@ -89,7 +91,9 @@ class Engine:
             if self._spool is not None
             else None
         )
-        self._sender = Sender(c, self._table, self._lock, self._ledger, self._keep, self._replay)
+        self._sender = Sender(
+            c, self._table, self._lock, self._ledger, self._keep, self._after_cycle
+        )
         self._started = False
         self._synchronous = False  # no thread could be started: deliver on the caller's
         self._exiting = False  # the interpreter is exiting: no more replays, deliver at once
@@ -139,8 +143,8 @@ class Engine:
         except Exception:  # nothing may reach the user's task
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
 
-    def record_flow(self, rec: FlowRecord) -> None:
-        """Record a finished flow run."""
+    def record_flow(self, rec: FlowRecord, *, count_on_host: bool = False) -> None:
+        """Record a finished flow run; ``count_on_host`` as for :meth:`record_task`."""
         try:
             admitted = self._admit(rec)
             if admitted is None:
@@ -148,6 +152,8 @@ class Engine:
             with self._lock:
                 ok = self._table.fold_flow(admitted)
                 self._ledger.recorded()
+            if count_on_host and self.config.spool_dir:
+                self._host_counts(admitted.framework).add(admitted)
             self._after_record(ok)
         except Exception:
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
@@ -315,7 +321,7 @@ class Engine:
                 settled = self._wait(target, deadline, replay)
             if not settled:
                 settled = self._spool_pending()
-            self._deliver_host_counts(deadline)
+            self._deliver_host_counts(deadline, exiting=not replay)
             return self._ledger.lost_since_last_look() == 0 and settled
         except Exception:
             warn_limited("flush", "orchestrator_push: flush failed", level=logging.ERROR)
@@ -331,19 +337,26 @@ class Engine:
                 )
             return h
 
-    def _deliver_host_counts(self, deadline: float) -> None:
-        """On the caller's thread: a short-lived process's counts go at its flush.
-        Not delivered (the gateway down, the store busy) means kept on the host."""
+    def _deliver_host_counts(
+        self, deadline: float, *, exiting: bool, transport: Transport | None = None
+    ) -> None:
+        """Counts for the host's store: after each sender cycle (a long-lived
+        process, on the sender's transport) and at every flush, on the caller's
+        thread (a short-lived process's at its exit). Not delivered (the gateway
+        down, the store busy) means kept: in memory, in the store, or (exiting)
+        in a pending file."""
         with self._lock:
-            hosts = [h for h in self._hosts.values() if h.pending()]
+            hosts = list(self._hosts.values())  # a delivery in flight may put some back
         if not hosts or not self.config.enabled:
             return
-        transport = self._make_transport(self.config)
+        own = transport is None
+        use = self._make_transport(self.config) if transport is None else transport
         try:
             for h in hosts:
-                h.deliver(transport, self.config.namespace, deadline, self._ledger)
+                h.deliver(use, self.config.namespace, deadline, self._ledger, exiting=exiting)
         finally:
-            transport.close()
+            if own:
+                use.close()
 
     def _wait(self, target: int, deadline: float, replay: bool) -> bool:
         s = self._sender
@@ -526,6 +539,13 @@ class Engine:
         return self._ledger
 
     # -- the spool ------------------------------------------------------------------
+
+    def _after_cycle(self, transport: Transport) -> None:
+        if not self._exiting:
+            self._deliver_host_counts(
+                time.monotonic() + HOST_LOCK_WAIT, exiting=False, transport=transport
+            )
+        self._replay(transport)
 
     def _replay(self, transport: Transport) -> None:
         """After each sender cycle: one replay pass when one is due."""

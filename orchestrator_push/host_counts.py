@@ -34,12 +34,27 @@ from collections.abc import Mapping
 from . import schema
 from .ledger import Ledger, Loss
 from .logs import warn_limited
-from .records import TaskRecord
+from .records import FlowRecord, TaskRecord
 from .transport import Transport
 
 VERSION = 1
 _PENDING = "pending-"
 _POLL = 0.01  # seconds between two tries of a lock another process holds
+
+# A flock belongs to the open file, which a fork shares: a child forked while
+# our thread holds the store's lock (an Airflow executor forking a task runner)
+# would hold it for as long as it lives. The child closes its copies.
+_open_locks: set[int] = set()
+
+
+def _close_locks_after_fork() -> None:
+    for fd in list(_open_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _open_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_locks_after_fork)
 
 
 def instance() -> str:
@@ -64,7 +79,8 @@ class HostCounts:
         self.path = schema.group_path(key)
         self._dir = os.path.join(directory, "counts")
         self._name = hashlib.sha256(self.path.encode()).hexdigest()[:24]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the counts
+        self._delivering = threading.Lock()
         self._counts = schema.Cumulative()
 
     def __repr__(self) -> str:
@@ -74,18 +90,37 @@ class HostCounts:
     def store(self) -> str:
         return os.path.join(self._dir, self._name + ".json")
 
-    def add(self, rec: TaskRecord) -> None:
+    def add(self, rec: TaskRecord | FlowRecord) -> None:
         with self._lock:
-            self._counts.add(rec)
+            if isinstance(rec, TaskRecord):
+                self._counts.add(rec)
+            else:
+                self._counts.add_flow(rec)
 
     def pending(self) -> int:
         with self._lock:
             return len(self._counts)
 
-    def deliver(self, transport: Transport, ns: str, deadline: float, ledger: Ledger) -> bool:
+    def deliver(
+        self, transport: Transport, ns: str, deadline: float, ledger: Ledger, *, exiting: bool
+    ) -> bool:
         """Hand this process's counts to the store and push the host's totals.
         True when they reached the gateway; False when they wait in the store
-        (or a pending file) for the next process, or were lost (ledger)."""
+        for the next push, or were lost (ledger). The store locked past the
+        deadline: a process that goes on keeps its counts for its next try; one
+        that is ``exiting`` leaves them in a pending file."""
+        # One delivery at a time in this process: an exit flush waits for the
+        # sender's, then sees what that one had to keep.
+        if not self._delivering.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            return False
+        try:
+            return self._deliver(transport, ns, deadline, ledger, exiting)
+        finally:
+            self._delivering.release()
+
+    def _deliver(
+        self, transport: Transport, ns: str, deadline: float, ledger: Ledger, exiting: bool
+    ) -> bool:
         with self._lock:
             mine, self._counts = self._counts, schema.Cumulative()
         n = len(mine)
@@ -96,12 +131,17 @@ class HostCounts:
             fd = os.open(
                 os.path.join(self._dir, self._name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
             )
+            _open_locks.add(fd)
         except OSError as exc:
             return self._lost(ledger, n, exc)
         try:
             try:
                 if not _lock(fd, deadline):
-                    return self._leave_pending(mine, ledger, n)
+                    if exiting:
+                        return self._leave_pending(mine, ledger, n)
+                    with self._lock:
+                        self._counts.absorb(mine.dump())
+                    return False
                 totals, absorbed = self._load()
                 merged = self._merge_pending(totals, absorbed)
                 totals.absorb(mine.dump())
@@ -136,7 +176,12 @@ class HostCounts:
             )
             return False
         finally:
-            os.close(fd)  # releases the lock
+            # Unlocked explicitly: a child forked meanwhile shares the open file,
+            # and a close here would leave the lock to its copy.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            _open_locks.discard(fd)
+            os.close(fd)
 
     def _load(self) -> tuple[schema.Cumulative, list[str]]:
         totals = schema.Cumulative()

@@ -77,6 +77,8 @@ _HELP = {
     "flow_last_failure_timestamp_seconds": "Unix time of the last failed run of the flow.",
     "flow_last_status": "1 for the outcome of the last run of the flow, 0 for other statuses.",
     "task_runs": "Finished task attempts, by outcome.",
+    "flow_runs": "Finished flow runs, by outcome.",
+    "flow_duration_seconds": "Duration of finished flow runs, by outcome.",
     "push_records_dropped": "Records this process gave up on, by reason (its total so far).",
     "push_records_spooled": "Records this process wrote to the local spool (its total so far).",
     "push_records_replayed": "Spooled records this process delivered (its total so far).",
@@ -285,6 +287,8 @@ class Cumulative:
     #: queue waits by (framework, flow, task), the record's names and as sent
     queued: dict[tuple[str, str, str], _Series] = field(default_factory=dict)
     _queued_sent: dict[tuple[str, ...], _Series] = field(default_factory=dict)
+    #: flow runs by (framework, flow, status) as sent
+    _flows: dict[tuple[str, ...], _Series] = field(default_factory=dict)
 
     def add(self, rec: TaskRecord) -> None:
         """Count one attempt; its duration must be finite and not negative."""
@@ -303,11 +307,17 @@ class Cumulative:
                 qs = self.queued[qkey] = _shared(self._queued_sent, labels)
             qs.observe(q)
 
+    def add_flow(self, rec: FlowRecord) -> None:
+        """Count one flow run; its duration must be finite and not negative."""
+        labels = [rec.framework, clean_value(rec.flow), rec.status]
+        _shared(self._flows, labels).observe(rec.duration)
+
     def dump(self) -> list[dict[str, object]]:
-        """Runs and durations as plain data (queue waits are not carried)."""
+        """Runs and durations as plain data (queue waits are not carried); a
+        row with three labels is a flow's, with four a task's."""
         return [
             {"labels": s.labels, "count": s.count, "sum": s.total, "buckets": s.buckets}
-            for s in self._sent.values()
+            for s in [*self._sent.values(), *self._flows.values()]
         ]
 
     def absorb(self, rows: Iterable[Mapping[str, object]]) -> None:
@@ -316,7 +326,7 @@ class Cumulative:
         parsed = []
         for row in rows:
             labels, buckets = row["labels"], row["buckets"]
-            if not isinstance(labels, list) or len(labels) != 4:
+            if not isinstance(labels, list) or len(labels) not in (3, 4):
                 raise ValueError("labels")
             if not isinstance(buckets, list) or len(buckets) != len(DURATION_BUCKETS):
                 raise ValueError("buckets")
@@ -327,13 +337,13 @@ class Cumulative:
                 ([str(v) for v in labels], count, float(total), [int(n) for n in buckets])
             )
         for labels, count, total, counts in parsed:
-            s = _shared(self._sent, labels)
+            s = _shared(self._sent if len(labels) == 4 else self._flows, labels)
             s.count += count
             s.total += total
             s.buckets = [a + b for a, b in zip(s.buckets, counts, strict=True)]
 
     def __len__(self) -> int:
-        return sum(s.count for s in self._sent.values())
+        return sum(s.count for s in [*self._sent.values(), *self._flows.values()])
 
     def tasks(self) -> list[tuple[str, str]]:
         """The (flow, task) names counted here (as sent)."""
@@ -356,6 +366,18 @@ class Cumulative:
             for s in sorted(self._queued_sent.values(), key=lambda s: s.labels):
                 queued.add_metric(s.labels, s.cumulative(), s.total)
             fams.append(queued)
+        if self._flows:
+            flow_labels = ["framework", "flow", "status"]
+            flow_runs = CounterMetricFamily(
+                f"{ns}_flow_runs", _HELP["flow_runs"], labels=flow_labels
+            )
+            flow_hist = HistogramMetricFamily(
+                f"{ns}_flow_duration_seconds", _HELP["flow_duration_seconds"], labels=flow_labels
+            )
+            for s in sorted(self._flows.values(), key=lambda s: s.labels):
+                flow_runs.add_metric(s.labels, s.count)
+                flow_hist.add_metric(s.labels, s.cumulative(), s.total)
+            fams += [flow_runs, flow_hist]
         return fams
 
 

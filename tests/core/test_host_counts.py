@@ -132,3 +132,82 @@ def test_dump_and_absorb_round_trip_and_refuse_another_layout() -> None:
     with pytest.raises(ValueError):
         b.absorb(rows)
     assert len(b) == 6  # nothing of the refused call added
+
+
+def test_a_long_lived_process_pushes_its_host_counts_every_cycle(pushgateway: Pushgateway,
+                                                                 tmp_path: object) -> None:
+    """A scheduler or worker never exits: its counts go after each sender cycle,
+    flows and tasks in the one host group."""
+    from gateway import wait_until
+
+    import orchestrator_push as op
+    from orchestrator_push.records import FlowRecord
+
+    spool = os.path.join(str(tmp_path), "spool")
+    e = op.Engine(op.load_config({}, url=pushgateway.url, job="sched", interval=0.1,
+                                 spool_dir=spool))
+    try:
+        e.start()
+        for status in ("success", "failed"):
+            e.record_flow(FlowRecord("airflow", "etl", status, end_time=2.0, duration=30.0),
+                          count_on_host=True)
+        e.record_task(TaskRecord("airflow", "etl", "load", "upstream_failed", end_time=2.0,
+                                 duration=0.0), count_on_host=True)
+
+        def counted() -> dict[str, float] | None:
+            try:
+                g = pushgateway.group(job="sched", instance=host_counts.instance())
+            except KeyError:
+                return None
+            flows = {lb["status"]: v for lb, v in g.metrics.get(f"{NS}_flow_runs_total", [])}
+            return flows if flows == {"success": 1, "failed": 1} else None
+
+        wait_until(counted, 10, what="the host group, without a flush")
+        g = pushgateway.group(job="sched", instance=host_counts.instance())
+        assert g.value(f"{NS}_task_runs_total", status="upstream_failed", task="load") == 1
+        assert g.value(f"{NS}_flow_duration_seconds", __sum__="1", status="failed") == 30.0
+        assert g.types[f"{NS}_flow_runs"] == "COUNTER" if f"{NS}_flow_runs" in g.types else True
+    finally:
+        e.close(1)
+
+
+def test_a_child_forked_while_the_store_is_locked_does_not_keep_the_lock(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    """An executor that forks a task runner while our thread pushes the host's
+    totals: the child shares the locked open file; the lock must still go
+    with our push."""
+    import time
+
+    from orchestrator_push.config import load_config
+    from orchestrator_push.ledger import Ledger
+    from orchestrator_push.transport import HttpTransport, Outcome
+
+    children: list[int] = []
+
+    class ForkingTransport(HttpTransport):
+        def request(self, method: str, path: str, body: bytes = b"") -> Outcome:
+            pid = os.fork()
+            if pid == 0:  # the child lives on for a while, as a task runner would
+                time.sleep(5)
+                os._exit(0)
+            children.append(pid)
+            return super().request(method, path, body)
+
+    spool = os.path.join(str(tmp_path), "spool")
+    h = store_of(spool)
+    h.add(TaskRecord("exec", "cron", "main", "success", end_time=1.0, duration=0.1))
+    config = load_config({}, url=pushgateway.url)
+    try:
+        assert h.deliver(ForkingTransport(config), NS, time.monotonic() + 5, Ledger(),
+                         exiting=True)
+        assert len(children) == 1 and os.waitpid(children[0], os.WNOHANG) == (0, 0)  # alive
+        fd = os.open(h.store[: -len(".json")] + ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the child kept it
+        finally:
+            os.close(fd)
+    finally:
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert host_group(pushgateway) == {"success": 1}
