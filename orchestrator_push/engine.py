@@ -122,13 +122,11 @@ class Engine:
         rec: TaskRecord,
         *,
         cumulative: Mapping[str, str] | tuple[tuple[str, str], ...] | None = None,
-        count_on_host: bool = False,
     ) -> None:
         """Record a finished attempt. With ``cumulative`` (a mapping, or a tuple of
         (name, value) pairs, which costs less), also count it in the counters
-        group whose extra grouping labels are ``cumulative``. With
-        ``count_on_host`` (a short-lived process), count it in the host's
-        store instead, pushed at :meth:`flush` (host_counts.py)."""
+        group whose extra grouping labels are ``cumulative`` (a long-lived
+        process that sees every attempt: a Celery node); see also :meth:`count`."""
         try:
             admitted = self._admit(rec)
             if admitted is None:
@@ -137,14 +135,31 @@ class Engine:
             with self._lock:
                 ok = self._table.fold_task(admitted, counters)
                 self._ledger.recorded()
-            if count_on_host and self.config.spool_dir:  # the store lives beside the spool
-                self._host_counts(admitted.framework).add(admitted)
             self._after_record(ok)
         except Exception:  # nothing may reach the user's task
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
 
-    def record_flow(self, rec: FlowRecord, *, count_on_host: bool = False) -> None:
-        """Record a finished flow run; ``count_on_host`` as for :meth:`record_task`."""
+    def count(self, rec: TaskRecord | FlowRecord) -> None:
+        """Count a finished attempt or flow run in the host's store (host_counts.py),
+        where the counts of every process of this host and user add up: pushed
+        after each sender cycle and at :meth:`flush`. Not a record: its last-run
+        group is :meth:`record_task`'s / :meth:`record_flow`'s. Without a spool
+        directory there is no store and nothing is counted. Never raises."""
+        try:
+            if not self.config.spool_dir:
+                return
+            admitted: TaskRecord | FlowRecord | None = (
+                self._admit(rec) if isinstance(rec, TaskRecord) else self._admit(rec)
+            )
+            if admitted is not None:
+                self._host_counts(admitted.framework).add(admitted)
+                if not self._started:
+                    self._start()
+        except Exception:
+            warn_limited("count", "orchestrator_push: could not count", level=logging.ERROR)
+
+    def record_flow(self, rec: FlowRecord) -> None:
+        """Record a finished flow run."""
         try:
             admitted = self._admit(rec)
             if admitted is None:
@@ -152,8 +167,6 @@ class Engine:
             with self._lock:
                 ok = self._table.fold_flow(admitted)
                 self._ledger.recorded()
-            if count_on_host and self.config.spool_dir:
-                self._host_counts(admitted.framework).add(admitted)
             self._after_record(ok)
         except Exception:
             warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)

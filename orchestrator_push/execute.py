@@ -37,18 +37,17 @@ def run_and_report(
     engine.record_start("exec", flow, task, at=started_wall, timeout=timeout)
     code = _run(cmd, timeout)
     duration = time.monotonic() - started
-    engine.record_task(
-        TaskRecord(
-            framework="exec",
-            flow=flow,
-            task=task,
-            status=SUCCESS if code == 0 else FAILED,
-            end_time=started_wall + duration,
-            duration=duration,
-            exit_code=code,
-        ),
-        count_on_host=True,  # runs of every process on this host add up
+    rec = TaskRecord(
+        framework="exec",
+        flow=flow,
+        task=task,
+        status=SUCCESS if code == 0 else FAILED,
+        end_time=started_wall + duration,
+        duration=duration,
+        exit_code=code,
     )
+    engine.record_task(rec)
+    engine.count(rec)  # the runs of every process on this host add up
     delivered = engine.flush_at_exit()  # its own record only: nobody else's files
     engine.close(0)
     stats = engine.stats()
