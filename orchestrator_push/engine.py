@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from . import host_counts
 from .config import Config
@@ -39,7 +39,7 @@ REPLAY_EVERY = 30.0
 HOST_LOCK_WAIT = 0.2
 
 _INF = float("inf")
-_R = TypeVar("_R", TaskRecord, FlowRecord)
+_R = TypeVar("_R", bound=TaskRecord | FlowRecord)
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -148,9 +148,7 @@ class Engine:
         try:
             if not self.config.spool_dir:
                 return
-            admitted: TaskRecord | FlowRecord | None = (
-                self._admit(rec) if isinstance(rec, TaskRecord) else self._admit(rec)
-            )
+            admitted = self._admit(rec)
             if admitted is not None:
                 self._host_counts(admitted.framework).add(admitted)
                 if not self._started:
@@ -277,7 +275,7 @@ class Engine:
             rec.flow,
             rec.duration,
         )
-        return rec._replace(duration=0.0)
+        return cast("_R", rec._replace(duration=0.0))  # a NamedTuple's _replace keeps its type
 
     def _too_many_groups(self) -> None:
         self._ledger.lose(Loss.TOO_MANY_GROUPS)
