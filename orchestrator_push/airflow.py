@@ -21,7 +21,7 @@ from airflow.plugins_manager import AirflowPlugin
 from . import runtime
 from .config import PREFIX
 from .logs import never_raises
-from .records import FAILED, RETRY, SKIPPED, SUCCESS, FlowRecord, TaskRecord
+from .records import FAILED, RETRY, SKIPPED, SUCCESS, UPSTREAM_FAILED, FlowRecord, TaskRecord
 
 FRAMEWORK = "airflow"
 log = logging.getLogger(__name__)
@@ -213,29 +213,114 @@ def _record_skipped(dag_run: Any) -> None:
     """Airflow 2: the run's skipped task instances, reported by the process that
     ends the run (the scheduler). This includes tasks skipped without running
     (branching, short-circuit), which Airflow 3 does not report."""
-    from sqlalchemy.orm import object_session
-
-    # The caller's session, never a new one: Airflow 2's NEW_SESSION is the
-    # thread's scoped session, and closing it would detach the scheduler's
-    # objects (its loop then dies on DetachedInstanceError).
-    session = object_session(dag_run)
-    if session is not None:
+    session, own = _session_of(dag_run)
+    try:
         tis = dag_run.get_task_instances(state=["skipped"], session=session)
-    else:  # a detached run (dag.test()): a session of our own, not the scoped one
-        from airflow import settings
-
-        own = settings.Session.session_factory()
-        try:
-            tis = dag_run.get_task_instances(state=["skipped"], session=own)
-        finally:
+    finally:
+        if own is not None:
             own.close()
     for ti in tis:
         runtime.record_task(_task_record(ti, SKIPPED))
 
 
+#: A task instance's final state as counted when its DAG run ends; others
+#: (removed, never scheduled) are not attempts.
+_COUNTED = {
+    "success": SUCCESS,
+    "failed": FAILED,
+    "skipped": SKIPPED,
+    "upstream_failed": UPSTREAM_FAILED,
+}
+#: An earlier try's state in the history: failed (and run again) is a retry.
+_EARLIER = {**_COUNTED, "failed": RETRY}
+
+
+def _session_of(dag_run: Any) -> tuple[Any, Any]:
+    """The caller's session (never a new scoped one: closing Airflow 2's would
+    detach the scheduler's objects), or one of our own for a detached run
+    (dag.test()): (session, what to close)."""
+    from sqlalchemy.orm import object_session
+
+    session = object_session(dag_run)
+    if session is not None:
+        return session, None
+    from airflow import settings
+
+    own = settings.Session.session_factory()
+    return own, own
+
+
+def _rows(session: Any, model: str, dag_run: Any) -> list[Any]:
+    """The run's rows of an Airflow model that may not exist in this version."""
+    import importlib
+
+    from sqlalchemy import select
+
+    module, name = model.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return []
+    query = select(cls).where(cls.dag_id == dag_run.dag_id, cls.run_id == dag_run.run_id)
+    return list(session.scalars(query))
+
+
+def _earlier_tries(session: Any, dag_run: Any, tis: list[Any]) -> list[TaskRecord]:
+    """The tries before each task instance's last one. Airflow keeps the state
+    and times of each in its task instance history (Airflow 3: every try;
+    2.10: tries cleared by hand); Airflow 2's retries are in its task_fail
+    table (times only). A try known only by the try number counts with
+    duration 0."""
+    history = {
+        (h.task_id, h.map_index, int(h.try_number)): h
+        for h in _rows(session, "airflow.models.taskinstancehistory.TaskInstanceHistory", dag_run)
+    }
+    fails: dict[tuple[str, int], list[Any]] = {}
+    for f in _rows(session, "airflow.models.taskfail.TaskFail", dag_run):
+        fails.setdefault((f.task_id, f.map_index), []).append(f)
+    for rows in fails.values():
+        rows.sort(key=lambda f: f.start_date or datetime.min)
+    out = []
+    for ti in tis:
+        failed = fails.get((ti.task_id, ti.map_index), [])
+        for n in range(1, int(getattr(ti, "try_number", 0) or 0)):
+            h = history.get((ti.task_id, ti.map_index, n))
+            if h is not None:
+                if h.start_date is not None:  # it ran
+                    out.append(_task_record(h, _EARLIER.get(str(h.state or ""), RETRY)))
+            elif n <= len(failed):
+                out.append(_task_record(failed[n - 1], RETRY)._replace(attempt=n))
+            else:
+                out.append(_task_record(ti, RETRY)._replace(attempt=n, duration=0.0))
+    return out
+
+
+def _count_dag_run(engine: Any, dag_run: Any, run: FlowRecord) -> None:
+    """Count the run and every try of its task instances in the host's store,
+    from Airflow's own record of them (its database), when the run ends: in the
+    scheduler, every try is seen there, whether its process reported or died."""
+    session, own = _session_of(dag_run)
+    try:
+        tis = [
+            ti
+            for ti in dag_run.get_task_instances(session=session)
+            if str(getattr(ti, "state", None) or "") in _COUNTED
+        ]
+        earlier = _earlier_tries(session, dag_run, tis)
+    finally:
+        if own is not None:
+            own.close()
+    for rec in earlier:
+        engine.count(rec)
+    for ti in tis:
+        engine.count(_task_record(ti, _COUNTED[str(ti.state)]))
+    engine.count(run)
+
+
 @never_raises
 def _record_dag_run(dag_run: Any, status: str) -> None:
-    if runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is None:
+    engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
+    if engine is None:
         return
     if SKIPPED_AT_DAG_RUN_END:
         _record_skipped(dag_run)
@@ -247,15 +332,15 @@ def _record_dag_run(dag_run: Any, status: str) -> None:
         if end is not None
         else (max(now - start.timestamp(), 0.0) if start is not None else 0.0)
     )
-    runtime.record_flow(
-        FlowRecord(
-            framework=FRAMEWORK,
-            flow=str(dag_run.dag_id),
-            status=status,
-            end_time=end.timestamp() if end is not None else now,
-            duration=duration,
-        )
+    run = FlowRecord(
+        framework=FRAMEWORK,
+        flow=str(dag_run.dag_id),
+        status=status,
+        end_time=end.timestamp() if end is not None else now,
+        duration=duration,
     )
+    runtime.record_flow(run)
+    _count_dag_run(engine, dag_run, run)
 
 
 class Listener:

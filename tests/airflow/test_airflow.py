@@ -31,6 +31,8 @@ def airflow_env() -> Iterator[dict[str, str]]:
 
 def run_sample(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
     marker = tempfile.mkdtemp(prefix="op-marker-")
+    # a spool (and host count store) of each run's own, never the user's
+    extra.setdefault("ORCHESTRATOR_PUSH_SPOOL_DIR", os.path.join(marker, "spool"))
     return subprocess.run([sys.executable, os.path.join(HERE, "sample_dag.py")],
                           env={**env, "SAMPLE_MARKER_DIR": marker, **extra},
                           capture_output=True, text=True, timeout=300)
@@ -84,6 +86,27 @@ def test_dag_test_reports_every_task_and_the_dag_run(airflow_env: dict[str, str]
     assert f.value(f"{NS}_flow_last_status", status="failed") == 1
     assert f.value(f"{NS}_flow_last_duration_seconds") > 0
     assert f.value(f"{NS}_flow_last_failure_timestamp_seconds") > 0
+    # counted when the DAG run ended, from Airflow's record: every try of every instance
+    assert counts(pushgateway) == COUNTS
+
+
+#: what one run of the sample DAG counts, by (task, status); its DAG run failed
+COUNTS = {("ok", "success"): 1, ("fail", "failed"): 1, ("flaky", "retry"): 1,
+          ("flaky", "success"): 1, ("skip", "skipped"): 1, ("double", "success"): 3,
+          ("sample", "failed"): 1}
+
+
+def counts(gw: Pushgateway) -> dict[tuple[str, str], float]:
+    """Task attempts by (task, status), and DAG runs by (flow, status), over every group."""
+    out: dict[tuple[str, str], float] = {}
+    for g in gw.groups():
+        for labels, v in g.metrics.get(f"{NS}_task_runs_total", []):
+            key = (labels["task"], labels["status"])
+            out[key] = out.get(key, 0) + v
+        for labels, v in g.metrics.get(f"{NS}_flow_runs_total", []):
+            key = (labels["flow"], labels["status"])
+            out[key] = out.get(key, 0) + v
+    return out
 
 
 def test_airflow_cfg_section_is_read(airflow_env: dict[str, str], pushgateway: Pushgateway) -> None:
@@ -111,9 +134,11 @@ def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str]) -> 
     try:
         p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=gw.url, ORCHESTRATOR_PUSH_SPOOL_DIR=spool)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert os.listdir(spool) == []  # replayed (and never over the newer values)
+        assert os.listdir(spool) == ["counts"]  # replayed (and never over the newer values)
         g = gw.group(job="airflow", flow="sample", task="ok")
         assert g.value(f"{NS}_task_last_status", status="success") == 1
+        # the first run's counts waited in the host's store: both runs are counted
+        assert counts(gw) == {k: 2 * v for k, v in COUNTS.items()}
     finally:
         gw.stop()
 

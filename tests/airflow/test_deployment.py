@@ -122,6 +122,8 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "ORCHESTRATOR_PUSH_URL": gateway_for_deployment.url,
+        # the host's count store of this deployment only (never the user's own)
+        "ORCHESTRATOR_PUSH_SPOOL_DIR": os.path.join(home, "spool"),
         "E2E_RELEASE": os.path.join(home, "release"),  # e2e_wait's task ends once it exists
     })
     subprocess.run([os.path.join(bindir, "airflow"), "db", "migrate"], env=env, check=True,
@@ -134,7 +136,7 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
                                       start_new_session=True))
     d = Deployment(home, port, env, procs)
     try:
-        for dag_id in ("e2e", "e2e_wait"):
+        for dag_id in ("e2e", "e2e_wait", "e2e_counts"):
             wait_until(lambda: _dag_is_parsed(d, dag_id), timeout=240, interval=1,  # noqa: B023
                        what=f"DAG {dag_id} parsed")
         yield d
@@ -274,12 +276,14 @@ def test_the_scheduler_pushes_its_liveness(deployment: Deployment,
     def seen() -> float | None:
         deployment.check_alive()
         for g in gw.groups():
-            if g.labels.get("job") == "airflow" and "instance" in g.labels:
+            if g.labels.get("job") == "airflow" and f"{NS}_worker_up" in g.metrics:
                 return g.value(f"{NS}_worker_last_seen_timestamp_seconds", role="airflow-scheduler")
         return None
 
     first = wait_until(seen, timeout=60, interval=0.5, what="the scheduler's liveness")
-    node = next(g for g in gw.groups() if g.labels.get("job") == "airflow" and "instance" in g.labels)
+    # (the host's count group has an instance too: user@host)
+    node = next(g for g in gw.groups()
+                if g.labels.get("job") == "airflow" and f"{NS}_worker_up" in g.metrics)
     assert node.value(f"{NS}_worker_up", framework="airflow", role="airflow-scheduler") == 1
     # the host name Airflow itself records for the scheduler's job
     if AIRFLOW_2:
@@ -348,3 +352,75 @@ def _completed(gw: Pushgateway, dag_id: str) -> float | None:
             f"{NS}_flow_last_completion_timestamp_seconds")
     except KeyError:
         return None
+
+
+def _counted(gw: Pushgateway, dag_id: str) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """Task attempts by (task, status) and DAG runs by status, summed over groups."""
+    tasks: dict[tuple[str, str], float] = {}
+    runs: dict[str, float] = {}
+    for g in gw.groups():
+        for labels, v in g.metrics.get(f"{NS}_task_runs_total", []):
+            if labels["flow"] == dag_id:
+                key = (labels["task"], labels["status"])
+                tasks[key] = tasks.get(key, 0) + v
+        for labels, v in g.metrics.get(f"{NS}_flow_runs_total", []):
+            if labels["flow"] == dag_id:
+                runs[labels["status"]] = runs.get(labels["status"], 0) + v
+    return tasks, runs
+
+
+_STATUS = {"success": "success", "failed": "failed", "skipped": "skipped",
+           "upstream_failed": "upstream_failed"}
+
+
+@pytest.mark.timeout(400)
+def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
+                                                   gateway_for_deployment: Pushgateway) -> None:
+    """Runs in parallel (Airflow 3's LocalExecutor; 2.10's SequentialExecutor
+    runs one try at a time, so one run there), with a retry, a failure, an
+    upstream failure and a skipping branch: the scheduler counts every try
+    when each run ends."""
+    gw = gateway_for_deployment
+    runs = [deployment.trigger("e2e_counts") for _ in range(1 if AIRFLOW_2 else 2)]
+
+    db_path = os.path.join(deployment.home, "airflow.db")
+
+    def ended() -> dict[str, str] | None:
+        deployment.check_alive()
+        with contextlib.closing(sqlite3.connect(db_path)) as db:
+            states = dict(db.execute("SELECT run_id, state FROM dag_run"
+                                     " WHERE dag_id = 'e2e_counts'").fetchall())
+        done = set(runs) <= set(states) and all(states[r] in ("success", "failed") for r in runs)
+        return states if done else None
+
+    states = wait_until(ended, timeout=400, interval=1, what="both DAG runs to end")
+    expected_tasks: dict[tuple[str, str], float] = {}
+    # Airflow's own record: each task instance's state and try number, in its database
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        rows = db.execute("SELECT task_id, state, try_number FROM task_instance"
+                          " WHERE dag_id = 'e2e_counts'").fetchall()
+    assert len(rows) == 6 * len(runs)
+    for task_id, state, try_number in rows:
+        key = (task_id, _STATUS[state])
+        expected_tasks[key] = expected_tasks.get(key, 0) + 1
+        for _ in range(int(try_number or 0) - 1):  # earlier tries: retries here
+            expected_tasks[(task_id, "retry")] = expected_tasks.get((task_id, "retry"), 0) + 1
+    expected_runs: dict[str, float] = {}
+    for run_id in runs:
+        expected_runs[states[run_id]] = expected_runs.get(states[run_id], 0) + 1
+    # what the DAG is written to do, so Airflow's record above is the one we mean
+    n = len(runs)
+    assert expected_tasks == {("flaky", "retry"): n, ("flaky", "success"): n,
+                              ("boom", "failed"): n, ("after_boom", "upstream_failed"): n,
+                              ("pick", "success"): n, ("chosen", "success"): n,
+                              ("not_chosen", "skipped"): n}
+    assert expected_runs == {"failed": n}
+    try:
+        wait_until(lambda: _counted(gw, "e2e_counts") == (expected_tasks, expected_runs),
+                   timeout=60, interval=0.5, what="the counts")
+    except AssertionError:
+        raise AssertionError(f"{_counted(gw, 'e2e_counts')}\n"
+                             + deployment.log("scheduler")[-3000:]) from None
+    # one count group: the scheduler's host
+    groups = [g.labels for g in gw.groups() if f"{NS}_flow_runs_total" in g.metrics]
+    assert len(groups) == 1 and groups[0]["job"] == "airflow" and "@" in groups[0]["instance"]

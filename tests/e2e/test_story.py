@@ -191,6 +191,10 @@ def test_dashboard_variables_list_every_job_framework_and_flow(prom: Prometheus)
             assert set(json.loads(r.read())["data"]) == values, name
 
 
+COUNTED_TASKS = {("celery", "shop.charge"), ("celery", "shop.ship"), ("celery", "shop.refund"),
+                 ("exec", "dump"), ("exec", "upload"),
+                 ("airflow", "extract"), ("airflow", "load"), ("airflow", "report")}
+
 EXPECTED_PANELS: dict[str, Any] = {
     "Failed tasks (last run)": lambda res: float(res[0]["value"][1]) == len(FAILED_TASKS),
     "Failed flows (last run)": lambda res: float(res[0]["value"][1]) == 1,
@@ -213,19 +217,17 @@ EXPECTED_PANELS: dict[str, Any] = {
         {(f, fl) for f, fl, _ in FAILED_TASKS},
     # no task's last attempt is a retry once the examples end
     "Retries over time": lambda res: res == [],
-    # Celery's workers and the exec runs (counted per host) carry counters
+    # Celery's workers, the exec runs and Airflow's DAG-run ends (per host) count
     "Throughput by task and outcome": lambda res: tuples(res, "framework", "task", "status") == {
         ("celery", "shop.charge", "success"), ("celery", "shop.ship", "success"),
         ("celery", "shop.ship", "retry"), ("celery", "shop.refund", "failed"),
-        ("exec", "dump", "success"), ("exec", "upload", "failed")},
-    "p95 duration by task": lambda res: tuples(res, "framework", "task") == {
-        ("celery", "shop.charge"), ("celery", "shop.ship"), ("celery", "shop.refund"),
-        ("exec", "dump"), ("exec", "upload")},
+        ("exec", "dump", "success"), ("exec", "upload", "failed"),
+        ("airflow", "extract", "retry"), ("airflow", "extract", "success"),
+        ("airflow", "load", "success"), ("airflow", "report", "failed")},
+    "p95 duration by task": lambda res: tuples(res, "framework", "task") == COUNTED_TASKS,
     # only tasks whose counters grew between two scrapes have a ratio (0 / 0 is none)
-    "Failure ratio by task (last hour)": lambda res: tuples(res, "framework", "task") <= {
-        ("celery", "shop.charge"), ("celery", "shop.ship"), ("celery", "shop.refund"),
-        ("exec", "dump"), ("exec", "upload")} and all(
-        0 <= float(r["value"][1]) <= 1 for r in res),
+    "Failure ratio by task (last hour)": lambda res: tuples(res, "framework", "task") <=
+        COUNTED_TASKS and all(0 <= float(r["value"][1]) <= 1 for r in res),
     # the example's worker shut down cleanly: up 0, so not down
     "Workers down (up, not seen for 2 min)": lambda res: float(res[0]["value"][1]) == 0,
     "Seconds since each worker was last seen": lambda res:
