@@ -344,17 +344,17 @@ def _task_transition(engine: Any, left: Any, new: Any, count: int) -> None:
 
 
 def _task(flow: str, task: str, status: str, end: float, duration: float, attempt: int) -> None:
-    runtime.record_task(
-        TaskRecord(
-            framework=FRAMEWORK,
-            flow=flow,
-            task=task,
-            status=status,
-            end_time=end,
-            duration=duration,
-            attempt=attempt,
-        )
+    rec = TaskRecord(
+        framework=FRAMEWORK,
+        flow=flow,
+        task=task,
+        status=status,
+        end_time=end,
+        duration=duration,
+        attempt=attempt,
     )
+    runtime.record_task(rec)
+    runtime.count(rec)  # one record per attempt: each counted once, on its host
 
 
 def _current_flow_name() -> str:
@@ -385,9 +385,9 @@ def _flow_transition(engine: Any, left: Any, new: Any, count: int) -> None:
 
 
 def _flow(flow: str, status: str, end: float, duration: float) -> None:
-    runtime.record_flow(
-        FlowRecord(framework=FRAMEWORK, flow=flow, status=status, end_time=end, duration=duration)
-    )
+    rec = FlowRecord(framework=FRAMEWORK, flow=flow, status=status, end_time=end, duration=duration)
+    runtime.record_flow(rec)
+    runtime.count(rec)
 
 
 # Per-flow form: Prefect's own state-hook arguments, for users who instrument

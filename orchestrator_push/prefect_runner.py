@@ -160,15 +160,15 @@ async def _report(client: Any, flow_run: Any, status: str, message: str | None) 
         name = await _flow_name(client, run.flow_id)
         start = run.start_time
         duration = (state.timestamp - start).total_seconds() if start is not None else 0.0
-        runtime.record_flow(
-            FlowRecord(
-                framework=FRAMEWORK,
-                flow=name,
-                status=status,
-                end_time=state.timestamp.timestamp(),
-                duration=max(duration, 0.0),
-            )
+        rec = FlowRecord(
+            framework=FRAMEWORK,
+            flow=name,
+            status=status,
+            end_time=state.timestamp.timestamp(),
+            duration=max(duration, 0.0),
         )
+        runtime.record_flow(rec)
+        runtime.count(rec)  # the run's own process did not: it is gone, or never started
     except Exception:
         warn_limited(
             "prefect-runner", "orchestrator_push: could not record a flow run's %s state", status

@@ -107,6 +107,14 @@ def record_task(
         engine.record_task(rec, cumulative=cumulative)
 
 
+def count(rec: TaskRecord | FlowRecord) -> None:
+    """Count a finished attempt or flow run in the host's store: see
+    :meth:`Engine.count`."""
+    engine = get_engine()
+    if engine is not None:
+        engine.count(rec)
+
+
 def record_flow(rec: FlowRecord) -> None:
     """Record a finished flow run; it is pushed in the background."""
     engine = get_engine()

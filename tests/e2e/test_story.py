@@ -193,7 +193,8 @@ def test_dashboard_variables_list_every_job_framework_and_flow(prom: Prometheus)
 
 COUNTED_TASKS = {("celery", "shop.charge"), ("celery", "shop.ship"), ("celery", "shop.refund"),
                  ("exec", "dump"), ("exec", "upload"),
-                 ("airflow", "extract"), ("airflow", "load"), ("airflow", "report")}
+                 ("airflow", "extract"), ("airflow", "load"), ("airflow", "report"),
+                 ("prefect", "extract"), ("prefect", "transform"), ("prefect", "load")}
 
 EXPECTED_PANELS: dict[str, Any] = {
     "Failed tasks (last run)": lambda res: float(res[0]["value"][1]) == len(FAILED_TASKS),
@@ -217,13 +218,16 @@ EXPECTED_PANELS: dict[str, Any] = {
         {(f, fl) for f, fl, _ in FAILED_TASKS},
     # no task's last attempt is a retry once the examples end
     "Retries over time": lambda res: res == [],
-    # Celery's workers, the exec runs and Airflow's DAG-run ends (per host) count
+    # every framework counts: Celery per node, exec, Airflow and Prefect per host
     "Throughput by task and outcome": lambda res: tuples(res, "framework", "task", "status") == {
         ("celery", "shop.charge", "success"), ("celery", "shop.ship", "success"),
         ("celery", "shop.ship", "retry"), ("celery", "shop.refund", "failed"),
         ("exec", "dump", "success"), ("exec", "upload", "failed"),
         ("airflow", "extract", "retry"), ("airflow", "extract", "success"),
-        ("airflow", "load", "success"), ("airflow", "report", "failed")},
+        ("airflow", "load", "success"), ("airflow", "report", "failed"),
+        ("prefect", "extract", "retry"), ("prefect", "extract", "success"),
+        ("prefect", "transform", "success"),
+        ("prefect", "load", "success")},
     "p95 duration by task": lambda res: tuples(res, "framework", "task") == COUNTED_TASKS,
     # only tasks whose counters grew between two scrapes have a ratio (0 / 0 is none)
     "Failure ratio by task (last hour)": lambda res: tuples(res, "framework", "task") <=
