@@ -122,10 +122,10 @@ class HostCounts:
         self, transport: Transport, ns: str, deadline: float, ledger: Ledger, exiting: bool
     ) -> bool:
         with self._lock:
+            n = len(self._counts)
+            if n == 0:  # the usual case after a sender cycle: nothing new
+                return True
             mine, self._counts = self._counts, schema.Cumulative()
-        n = len(mine)
-        if n == 0:
-            return True
         try:
             os.makedirs(self._dir, mode=0o700, exist_ok=True)
             fd = os.open(
