@@ -41,7 +41,24 @@ def _describe(labels: Mapping[str, str]) -> str:
     return " ".join(f"{k}={v!r}" if not v or " " in v else f"{k}={v}" for k, v in labels.items())
 
 
-def _row(g: GroupInfo, now: float, stale_after: float) -> dict[str, Any]:
+#: (job, framework, flow, task or None for a flow) -> status -> runs
+Totals = dict[tuple[str, str, str, str | None], dict[str, float]]
+
+
+def _totals(groups: Sequence[GroupInfo]) -> Totals:
+    """Every counters group's runs added up per task and flow (the counts of
+    every host, worker node and scheduler of a job)."""
+    out: Totals = {}
+    for g in groups:
+        for (framework, flow, task, status), n in g.runs.items():
+            per = out.setdefault((g.job, framework, flow, task), {})
+            per[status] = per.get(status, 0.0) + n
+    return out
+
+
+def _row(
+    g: GroupInfo, now: float, stale_after: float, totals: Totals | None = None
+) -> dict[str, Any]:
     notes = []
     if g.push_time is not None and now - g.push_time > stale_after:
         notes.append("stale")
@@ -70,7 +87,31 @@ def _row(g: GroupInfo, now: float, stale_after: float) -> dict[str, Any]:
         "last_start_timestamp": g.started_at,
         "running_for_seconds": now - g.started_at if g.in_progress and g.started_at else None,
         "timeout_seconds": g.timeout,
+        **_counted(g, totals or {}),
     }
+
+
+def _counted(g: GroupInfo, totals: Totals) -> dict[str, Any]:
+    """A task's or flow's runs over the counters' life, by status, and in all."""
+    per = None
+    if g.kind in ("task", "flow") and g.framework is not None:
+        flow = g.labels.get("flow", "")
+        task = g.labels.get("task", "") if g.kind == "task" else None
+        per = totals.get((g.job, g.framework, flow, task))
+    if per is None:
+        return {"runs_total": None, "failures_total": None, "runs_by_status": None}
+    return {
+        "runs_total": sum(per.values()),
+        "failures_total": sum(n for s, n in per.items() if s in FAILURE_STATUSES),
+        "runs_by_status": dict(sorted(per.items())),
+    }
+
+
+def _runs_cell(r: Mapping[str, Any]) -> str:
+    if r["runs_total"] is None:
+        return "-"
+    total, failed = int(r["runs_total"]), int(r["failures_total"])
+    return f"{total} ({failed} failed)" if failed else str(total)
 
 
 def _ago(now: float, ts: float | None) -> str:
@@ -98,7 +139,8 @@ def status(
         groups = _read(config, job)
     except GatewayError as exc:
         return _unreachable(config, exc)
-    rows = [_row(g, now, stale_after) for g in groups]
+    totals = _totals(groups)
+    rows = [_row(g, now, stale_after, totals) for g in groups]
     if as_json:
         json.dump(rows, out, indent=2, sort_keys=True)
         out.write("\n")
@@ -115,6 +157,7 @@ def status(
         "LAST SUCCESS",
         "LAST FAILURE",
         "DURATION",
+        "RUNS",
         "PUSHED",
         "OTHER LABELS",
         "NOTES",
@@ -134,6 +177,7 @@ def status(
                 _ago(now, r["last_success_timestamp"]),
                 _ago(now, r["last_failure_timestamp"]),
                 _seconds(r["duration_seconds"]),
+                _runs_cell(r),
                 _ago(now, r["push_time"]),
                 _describe(other) or "-",
                 ", ".join(r["notes"]) or "-",

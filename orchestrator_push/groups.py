@@ -49,6 +49,9 @@ class GroupInfo:
     started_at: float | None = None  # the last attempt's (run's) start
     timeout: float | None = None
     metric_names: list[str] = field(default_factory=list)
+    #: A counters group's counts: (framework, flow, task, status) -> runs, where
+    #: ``task`` is None for a flow run's.
+    runs: dict[tuple[str, str, str | None, str], float] = field(default_factory=dict)
 
     @property
     def in_progress(self) -> bool:
@@ -107,11 +110,33 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
             )
             g.success_at = _number(entry.get(f"{namespace}_{kind}_last_success_timestamp_seconds"))
             g.failure_at = _number(entry.get(f"{namespace}_{kind}_last_failure_timestamp_seconds"))
-        if g.kind is None and f"{namespace}_task_runs_total" in entry:
-            g.kind = "counters"
-            for m in entry[f"{namespace}_task_runs_total"].get("metrics", []):
-                g.framework = m.get("labels", {}).get("framework", g.framework)
+        for name in (f"{namespace}_task_runs_total", f"{namespace}_flow_runs_total"):
+            if g.kind in (None, "counters") and name in entry:
+                g.kind = "counters"
+                for m in entry[name].get("metrics", []):
+                    g.framework = m.get("labels", {}).get("framework", g.framework)
+        if g.kind == "counters":
+            g.runs = _runs(entry, namespace)
         out.append(g)
+    return out
+
+
+def _runs(
+    entry: Mapping[str, Any], namespace: str
+) -> dict[tuple[str, str, str | None, str], float]:
+    """A counters group's ``task_runs_total`` and ``flow_runs_total`` samples."""
+    out: dict[tuple[str, str, str | None, str], float] = {}
+    for kind in ("task", "flow"):
+        for m in (entry.get(f"{namespace}_{kind}_runs_total") or {}).get("metrics", []):
+            labels = m.get("labels", {})
+            task = labels.get("task", "") if kind == "task" else None
+            key = (
+                labels.get("framework", ""),
+                labels.get("flow", ""),
+                task,
+                labels.get("status", ""),
+            )
+            out[key] = out.get(key, 0.0) + float(m.get("value", 0))
     return out
 
 

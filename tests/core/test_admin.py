@@ -293,3 +293,41 @@ def test_status_shows_a_run_in_progress_with_its_age(pushgateway: Pushgateway) -
     lines = {line.split()[2]: line for line in table.getvalue().splitlines()[1:]}
     assert "running 10m" in lines["dump"] and "running 2m" in lines["upload"]
     assert "failed" in lines["check"]
+
+
+def test_status_adds_up_each_tasks_runs_over_every_counters_group(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    """Runs and failures per task and flow: the host store's counts (real exec
+    processes) and two worker nodes' counters groups, added up per job."""
+    from test_host_counts import run_exec
+
+    spool = os.path.join(str(tmp_path), "spool")
+    for code in (0, 2, 0):
+        assert run_exec(pushgateway.url, spool, code, job="nightly").returncode == code
+    e = op.Engine(op.load_config({}, url=pushgateway.url, interval=0.05, spool_dir="off"))
+    try:
+        for node, statuses in (("w1@a", ["success", "failed", "retry"]), ("w2@b", ["success"])):
+            for status in statuses:
+                e.record_task(TaskRecord("celery", "shop", "shop.charge", status, NOW, 0.1),
+                              cumulative={"instance": node})
+        e.record_task(TaskRecord("celery", "shop", "shop.ship", "success", NOW, 0.1))  # uncounted
+        assert e.flush(10)
+    finally:
+        e.close(0)
+    out = io.StringIO()
+    assert admin.status(config(pushgateway), out, as_json=True) == 0
+    rows = {(r["job"], r["task"]): r for r in json.loads(out.getvalue()) if r["kind"] == "task"}
+    nightly, charge, ship = rows[("nightly", "main")], rows[("celery", "shop.charge")], \
+        rows[("celery", "shop.ship")]
+    assert (nightly["runs_total"], nightly["failures_total"]) == (3, 1)
+    assert nightly["runs_by_status"] == {"failed": 1, "success": 2}
+    assert (charge["runs_total"], charge["failures_total"]) == (4, 1)  # a retry is no failure
+    assert charge["runs_by_status"] == {"failed": 1, "retry": 1, "success": 2}
+    assert ship["runs_total"] is None and ship["runs_by_status"] is None
+    table = io.StringIO()
+    assert admin.status(config(pushgateway), table, job="celery") == 0
+    header, *lines = table.getvalue().splitlines()
+    assert header.split()[:8] == ["JOB", "FLOW", "TASK", "STATUS", "LAST", "SUCCESS", "LAST",
+                                  "FAILURE"] and "RUNS" in header.split()
+    charge_line = next(line for line in lines if " shop.charge " in line)
+    assert "4 (1 failed)" in charge_line

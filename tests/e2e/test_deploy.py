@@ -1,4 +1,5 @@
-"""deploy/: the Prometheus config and rules pass promtool; the dashboard is well formed."""
+"""deploy/: the Prometheus config and rules pass promtool (run once, in the e2e session:
+the rules do not depend on the Python version)."""
 
 from __future__ import annotations
 
