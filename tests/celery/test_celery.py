@@ -179,3 +179,40 @@ def test_a_record_a_pool_child_cannot_hand_over_is_counted_by_the_node(
     wait_until(lambda: dropped() == 1, 30, what="the child's loss in the node's self-metrics")
     assert worker.stop() == 0
     assert pushgateway.runs_by_status() == {"success": 2.0}
+
+
+def test_restarts_of_the_gateway_and_of_the_worker(app, start_worker) -> None:
+    """A gateway restarted without persistence gets the node's whole counts back
+    with its next push (a gap, no decrease); a restarted worker counts again from
+    zero (a counter reset, which Prometheus's rate() and increase() handle)."""
+    port = free_port()
+    gw = start(port=port)
+    try:
+        worker = start_worker(gw.url, "--pool", "prefork", "-c", "2")
+        wait_results([app.ok.delay(i) for i in range(5)], worker)
+        wait_until(lambda: gw.runs_by_status() == {"success": 5.0}, 30, what="5 counted")
+        gw.stop()
+        gw = start(port=port)  # persistence off: it starts empty
+        reads: list[float] = []
+
+        def counted(n: float) -> bool:
+            value = gw.runs_by_status().get("success")
+            if value is not None:
+                reads.append(value)
+            return value == n
+
+        wait_until(lambda: counted(5.0), 30, what="the node's counts back at the new gateway")
+        results = [app.ok.delay(i) for i in range(2)]
+        wait_until(lambda: counted(7.0), 30, what="7 counted")
+        wait_results(results, worker)
+        assert reads == sorted(reads) and reads[0] == 5.0, reads  # never below what it had
+        assert worker.stop() == 0
+        assert gw.runs_by_status() == {"success": 7.0}
+        worker = start_worker(gw.url, "--pool", "prefork", "-c", "2")  # the same node name
+        wait_results([app.ok.delay(i) for i in range(3)], worker)
+        wait_until(lambda: gw.runs_by_status() == {"success": 3.0}, 30,
+                   what="the restarted node's own counts (a reset)")
+        assert len(cumulative_groups(gw)) == 1
+        assert worker.stop() == 0
+    finally:
+        gw.stop()

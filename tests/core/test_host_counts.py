@@ -63,6 +63,27 @@ def test_counts_wait_on_the_host_while_the_gateway_is_down(tmp_path: object) -> 
         gw.stop()
 
 
+def test_a_gateway_restarted_without_persistence_gets_the_hosts_whole_counts_back(
+        tmp_path: object) -> None:
+    """The counts live on the host, not at the gateway: after a restart that lost
+    every group, the next run's push carries the totals (a gap, no reset)."""
+    spool = os.path.join(str(tmp_path), "spool")
+    from gateway import start
+    gw = start()
+    try:
+        for code in (0, 5, 0):
+            assert run_exec(gw.url, spool, code).returncode == code
+        assert host_group(gw) == {"success": 2, "failed": 1}
+        port = gw.port
+        gw.stop()
+        gw = start(port=port)  # persistence off: every group is gone
+        assert [g.labels for g in gw.groups()] == []
+        assert run_exec(gw.url, spool, 0).returncode == 0
+        assert host_group(gw) == {"success": 3, "failed": 1}
+    finally:
+        gw.stop()
+
+
 def test_a_locked_store_leaves_the_counts_for_the_next_run(pushgateway: Pushgateway,
                                                           tmp_path: object) -> None:
     spool = os.path.join(str(tmp_path), "spool")
