@@ -250,8 +250,14 @@ def _session_of(dag_run: Any) -> tuple[Any, Any]:
     return own, own
 
 
-def _rows(session: Any, model: str, dag_run: Any) -> list[Any]:
-    """The run's rows of an Airflow model that may not exist in this version."""
+#: What counting reads of a try: loading whole ORM task instances cost the
+#: scheduler ten times as much (bench/bench_airflow_counts.py).
+_TRY_COLUMNS = ("dag_id", "task_id", "map_index", "try_number", "state", "start_date", "end_date")
+
+
+def _rows(session: Any, model: str, dag_run: Any, columns: tuple[str, ...]) -> list[Any]:
+    """The run's rows of an Airflow model that may not exist in this version
+    (only ``columns``, those the model has)."""
     import importlib
 
     from sqlalchemy import select
@@ -261,8 +267,9 @@ def _rows(session: Any, model: str, dag_run: Any) -> list[Any]:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return []
-    query = select(cls).where(cls.dag_id == dag_run.dag_id, cls.run_id == dag_run.run_id)
-    return list(session.scalars(query))
+    wanted = [getattr(cls, c) for c in columns if hasattr(cls, c)]
+    query = select(*wanted).where(cls.dag_id == dag_run.dag_id, cls.run_id == dag_run.run_id)
+    return list(session.execute(query))
 
 
 def _earlier_tries(session: Any, dag_run: Any, tis: list[Any]) -> list[TaskRecord]:
@@ -273,10 +280,15 @@ def _earlier_tries(session: Any, dag_run: Any, tis: list[Any]) -> list[TaskRecor
     duration 0."""
     history = {
         (h.task_id, h.map_index, int(h.try_number)): h
-        for h in _rows(session, "airflow.models.taskinstancehistory.TaskInstanceHistory", dag_run)
+        for h in _rows(
+            session,
+            "airflow.models.taskinstancehistory.TaskInstanceHistory",
+            dag_run,
+            _TRY_COLUMNS,
+        )
     }
     fails: dict[tuple[str, int], list[Any]] = {}
-    for f in _rows(session, "airflow.models.taskfail.TaskFail", dag_run):
+    for f in _rows(session, "airflow.models.taskfail.TaskFail", dag_run, _TRY_COLUMNS):
         fails.setdefault((f.task_id, f.map_index), []).append(f)
     for rows in fails.values():
         rows.sort(key=lambda f: f.start_date or datetime.min)
@@ -287,7 +299,7 @@ def _earlier_tries(session: Any, dag_run: Any, tis: list[Any]) -> list[TaskRecor
             h = history.get((ti.task_id, ti.map_index, n))
             if h is not None:
                 if h.start_date is not None:  # it ran
-                    out.append(_task_record(h, _EARLIER.get(str(h.state or ""), RETRY)))
+                    out.append(_task_record(h, _EARLIER.get(_state(h), RETRY)))
             elif n <= len(failed):
                 out.append(_task_record(failed[n - 1], RETRY)._replace(attempt=n))
             else:
@@ -303,8 +315,10 @@ def _count_dag_run(engine: Any, dag_run: Any, run: FlowRecord) -> None:
     try:
         tis = [
             ti
-            for ti in dag_run.get_task_instances(session=session)
-            if str(getattr(ti, "state", None) or "") in _COUNTED
+            for ti in _rows(
+                session, "airflow.models.taskinstance.TaskInstance", dag_run, _TRY_COLUMNS
+            )
+            if _state(ti) in _COUNTED
         ]
         earlier = _earlier_tries(session, dag_run, tis)
     finally:
@@ -313,7 +327,7 @@ def _count_dag_run(engine: Any, dag_run: Any, run: FlowRecord) -> None:
     for rec in earlier:
         engine.count(rec)
     for ti in tis:
-        engine.count(_task_record(ti, _COUNTED[str(ti.state)]))
+        engine.count(_task_record(ti, _COUNTED[_state(ti)]))
     engine.count(run)
 
 
