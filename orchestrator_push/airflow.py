@@ -27,7 +27,7 @@ FRAMEWORK = "airflow"
 log = logging.getLogger(__name__)
 
 # Airflow 2 has no on_task_instance_skipped hook: a DAG run's skipped task
-# instances are reported when the run ends instead (see _record_skipped).
+# instances are reported when the run ends instead (see _record_not_run).
 try:
     from airflow import __version__ as _AIRFLOW_VERSION
 except ImportError:  # pragma: no cover - every Airflow has it
@@ -187,7 +187,7 @@ def _task_record(ti: Any, status: str, started: float | None = None) -> TaskReco
         status=status,
         end_time=end_time,
         duration=duration,
-        attempt=max(int(getattr(ti, "try_number", 1) or 1), 1),
+        attempt=int(getattr(ti, "try_number", 1) or 0),  # 0: it never ran
     )
 
 
@@ -207,20 +207,6 @@ def _record_ti(ti: Any, status: str) -> None:
     if runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is None:
         return
     runtime.record_task(_task_record(ti, status, started))
-
-
-def _record_skipped(dag_run: Any) -> None:
-    """Airflow 2: the run's skipped task instances, reported by the process that
-    ends the run (the scheduler). This includes tasks skipped without running
-    (branching, short-circuit), which Airflow 3 does not report."""
-    session, own = _session_of(dag_run)
-    try:
-        tis = dag_run.get_task_instances(state=["skipped"], session=session)
-    finally:
-        if own is not None:
-            own.close()
-    for ti in tis:
-        runtime.record_task(_task_record(ti, SKIPPED))
 
 
 #: A task instance's final state as counted when its DAG run ends; others
@@ -307,9 +293,9 @@ def _earlier_tries(session: Any, dag_run: Any, tis: list[Any]) -> list[TaskRecor
     return out
 
 
-def _count_dag_run(engine: Any, dag_run: Any, run: FlowRecord) -> None:
-    """Count the run and every try of its task instances in the host's store,
-    from Airflow's own record of them (its database), when the run ends: in the
+def _read_run(dag_run: Any) -> tuple[list[Any], list[TaskRecord]]:
+    """The run's task instances in a final state, and their earlier tries, from
+    Airflow's own record of them (its database), when the run ends: in the
     scheduler, every try is seen there, whether its process reported or died."""
     session, own = _session_of(dag_run)
     try:
@@ -320,10 +306,28 @@ def _count_dag_run(engine: Any, dag_run: Any, run: FlowRecord) -> None:
             )
             if _state(ti) in _COUNTED
         ]
-        earlier = _earlier_tries(session, dag_run, tis)
+        return tis, _earlier_tries(session, dag_run, tis)
     finally:
         if own is not None:
             own.close()
+
+
+def _record_not_run(tis: list[Any]) -> None:
+    """Task instances no task runner reported: those that never ran (try number
+    0: skipped by a branch, a short-circuit or a trigger rule, upstream failed)
+    and, on Airflow 2 (no skipped hook), every skipped one."""
+    for ti in tis:
+        state = _state(ti)
+        if state not in ("skipped", "upstream_failed"):
+            continue
+        if int(getattr(ti, "try_number", 0) or 0) == 0 or (
+            SKIPPED_AT_DAG_RUN_END and state == "skipped"
+        ):
+            runtime.record_task(_task_record(ti, _COUNTED[state]))
+
+
+def _count(engine: Any, tis: list[Any], earlier: list[TaskRecord], run: FlowRecord) -> None:
+    """The run and every try of its task instances, into the host's store."""
     for rec in earlier:
         engine.count(rec)
     for ti in tis:
@@ -336,8 +340,8 @@ def _record_dag_run(dag_run: Any, status: str) -> None:
     engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
     if engine is None:
         return
-    if SKIPPED_AT_DAG_RUN_END:
-        _record_skipped(dag_run)
+    tis, earlier = _read_run(dag_run)
+    _record_not_run(tis)
     end = getattr(dag_run, "end_date", None)
     now = time.time()
     start = getattr(dag_run, "start_date", None)
@@ -354,7 +358,7 @@ def _record_dag_run(dag_run: Any, status: str) -> None:
         duration=duration,
     )
     runtime.record_flow(run)
-    _count_dag_run(engine, dag_run, run)
+    _count(engine, tis, earlier, run)
 
 
 class Listener:

@@ -424,3 +424,20 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     # one count group: the scheduler's host
     groups = [g.labels for g in gw.groups() if f"{NS}_flow_runs_total" in g.metrics]
     assert len(groups) == 1 and groups[0]["job"] == "airflow" and "@" in groups[0]["instance"]
+    # Task instances no task runner ran (try number 0) have last-run series too,
+    # from the scheduler, as Airflow's database holds them: status, attempt 0, end.
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        never = db.execute("SELECT task_id, state, end_date FROM task_instance"
+                           " WHERE dag_id = 'e2e_counts' AND try_number = 0").fetchall()
+    assert sorted({(t, s) for t, s, _ in never}) == [("after_boom", "upstream_failed"),
+                                                    ("not_chosen", "skipped")]
+    for task_id, state in (("after_boom", "upstream_failed"), ("not_chosen", "skipped")):
+        ends = [_db_time(e) for t, _, e in never if t == task_id]
+        assert len(ends) == n
+        wait_until(lambda: any(g.labels.get("task") == task_id for g in gw.groups()),  # noqa: B023
+                   timeout=30, interval=0.5, what=f"{task_id}'s group")
+        g = gw.group(job="airflow", flow="e2e_counts", task=task_id)
+        assert g.value(f"{NS}_task_last_status", framework="airflow", status=state) == 1
+        assert g.value(f"{NS}_task_last_attempt") == 0
+        assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == \
+            pytest.approx(max(ends), abs=1e-3)
