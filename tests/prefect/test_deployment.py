@@ -37,6 +37,7 @@ DEPLOYMENTS = {
     "deployed-term": "deployed_term",
     "deployed-cancel": "deployed_cancel",
     "deployed-unsubmittable": "deployed_unsubmittable",
+    "deployed-counted": "deployed_counted",
 }
 SETUP = textwrap.dedent("""
     import sys
@@ -441,3 +442,109 @@ def test_a_task_worker_reports_the_runs_it_executes(deployment: Deployment, task
     assert d.value("task_last_attempt", "none", name) == 1
     assert d.value("task_last_duration_seconds", "none", name) == pytest.approx(
         end - run.start_time.timestamp(), abs=1e-5)
+
+
+def _counted(gw: Pushgateway, flow: str) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """The gateway's counts of ``flow``'s task attempts (by task, status) and flow
+    runs (by status), summed over every group."""
+    tasks: dict[tuple[str, str], float] = {}
+    flows: dict[str, float] = {}
+    for g in gw.groups():
+        for labels, v in g.metrics.get(f"{NS}_task_runs_total", []):
+            if labels["flow"] == flow:
+                key = (labels["task"], labels["status"])
+                tasks[key] = tasks.get(key, 0) + v
+        for labels, v in g.metrics.get(f"{NS}_flow_runs_total", []):
+            if labels["flow"] == flow:
+                flows[labels["status"]] = flows.get(labels["status"], 0) + v
+    return tasks, flows
+
+
+_PREFECT_STATUS = {"COMPLETED": "success", "FAILED": "failed", "CRASHED": "crashed"}
+
+
+def _prefect_counts(d: Deployment, run_ids: list[Any]
+                    ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """Prefect's own record of the runs: each finished task run by its final
+    state, its earlier attempts as retries (run count - 1), each flow run's
+    state. A task run that never finished (held when its process was killed)
+    is no attempt that finished."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs: list[Any] = []
+    with d.client() as client:
+        while True:  # the API gives at most 200 at a time
+            page = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
+                limit=200, offset=len(runs))
+            runs += page
+            if len(page) < 200:
+                break
+        flow_states = [client.read_flow_run(r).state.type.value for r in run_ids]
+    tasks: dict[tuple[str, str], float] = {}
+    for r in runs:
+        if r.state is None or not r.state.is_final():
+            continue
+        name = r.name.rsplit("-", 1)[0]
+        key = (name, _PREFECT_STATUS[r.state.type.value])
+        tasks[key] = tasks.get(key, 0) + 1
+        if r.run_count > 1:
+            tasks[(name, "retry")] = tasks.get((name, "retry"), 0) + r.run_count - 1
+    flows: dict[str, float] = {}
+    for state in flow_states:
+        if state in _PREFECT_STATUS:  # final
+            flows[_PREFECT_STATUS[state]] = flows.get(_PREFECT_STATUS[state], 0) + 1
+    return tasks, flows
+
+
+def _finished(counts: tuple[dict[tuple[str, str], float], dict[str, float]]) -> float:
+    """Task runs of the counted flow that finished (retries are earlier attempts)."""
+    return sum(n for (t, s), n in counts[0].items() if t.startswith("counted_") and s != "retry")
+
+
+def test_counts_under_the_worker_equal_prefects_record(deployment: Deployment) -> None:
+    """Three flow runs of a deployment, each a process the worker started: one
+    SIGKILLed once its .map() of 200 and its retried task were counted (the
+    worker reports the crash and counts it), then two at once. The gateway's
+    sums equal Prefect's API, in one group (one host and user)."""
+    d, flow = deployment, "deployed-counted"
+    path, pid_file = released(d)
+    killed = d.run(flow, mark=os.path.join(d.tmp, uuid.uuid4().hex), path=path)
+    pid = hold_pid(pid_file)
+    # Its attempts so far reach the host's store within a push interval, and
+    # Prefect's API (from the run's events, sent in the background: a kill
+    # before they are sent loses them from Prefect's own record); then the kill.
+    wait_until(lambda: sum(n for (t, _), n in _counted(d.gw, flow)[0].items()
+                           if t == "counted_square") == 200
+               and (("counted_flaky", "success") in _counted(d.gw, flow)[0]),
+               60, interval=0.1, what="the killed run's counts before the kill")
+    wait_until(lambda: _finished(_prefect_counts(d, [killed])) == 201, 60, interval=0.5,
+               what="the killed run's task runs in the API before the kill")
+    os.kill(pid, signal.SIGKILL)
+    assert d.final(killed).state.is_crashed()
+    runs = [d.run(flow, mark=os.path.join(d.tmp, uuid.uuid4().hex)) for _ in range(2)]
+    for run in runs:
+        assert d.final(run).state.is_final()
+    ids = [killed, *runs]
+
+    seen: list[Any] = []
+
+    def task_runs_final() -> Any:  # Prefect records task runs from events, in the background
+        seen[:] = [_prefect_counts(d, ids)]
+        return seen[0] if _finished(seen[0]) == 3 * 201 else None
+
+    try:
+        expected = wait_until(task_runs_final, 60, interval=0.5, what="the task runs")
+    except AssertionError:
+        raise AssertionError(f"every task run in the API: {seen}") from None
+    # what the flow is written to do, so Prefect's record above is the one we mean
+    assert expected[0] == {("counted_square", "success"): 3 * 192,
+                           ("counted_square", "failed"): 3 * 8,
+                           ("counted_flaky", "retry"): 3, ("counted_flaky", "success"): 3}
+    assert expected[1]["crashed"] == 1 and sum(expected[1].values()) == 3
+    wait_until(lambda: _counted(d.gw, flow) == expected, 60, interval=0.2,
+               what=f"the counts; worker log:\n{d.log('worker.log')}")
+    groups = {tuple(sorted(g.labels.items())) for g in d.gw.groups()
+              if any(labels["flow"] == flow
+                     for labels, _ in g.metrics.get(f"{NS}_task_runs_total", []))}
+    assert len(groups) == 1

@@ -96,3 +96,30 @@ def tw_fail() -> None:
 @flow(name="deployed-unsubmittable")
 def deployed_unsubmittable() -> None:
     """Deployed with a command that does not exist: the worker cannot start it."""
+
+
+@task(name="counted_square")
+def counted_square(i: int) -> int:
+    if i % 25 == 0:
+        raise ValueError(f"item {i} fails")
+    return i * i
+
+
+@task(name="counted_flaky", retries=1, retry_delay_seconds=0)
+def counted_flaky(mark: str) -> None:
+    if not os.path.exists(mark):  # the first attempt of each run fails
+        open(mark, "w").close()
+        raise RuntimeError("first attempt fails")
+
+
+@flow(name="deployed-counted")
+def deployed_counted(mark: str, path: str = "") -> None:
+    """A .map() of 200 (8 fail) and a task retried once; with ``path``, then held
+    in ``hold`` (for a test to kill it)."""
+    from prefect.futures import wait
+
+    futures = counted_square.map(range(200))
+    counted_flaky(mark)
+    wait(futures)
+    if path:
+        hold(path)
