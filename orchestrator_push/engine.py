@@ -195,7 +195,8 @@ class Engine:
                 return
             with self._lock:
                 ok = self._table.start(framework, flow, task, start, timeout, waited)
-            self._after_record(ok)
+            if not ok or not self._started or self._synchronous or self._exiting:
+                self._after_record(ok)  # the uncommon cases, out of the common path
         except Exception:
             warn_limited("start", "orchestrator_push: could not record a start")
 
