@@ -132,6 +132,22 @@ class Pushgateway:
                     out[labels["status"]] = out.get(labels["status"], 0) + value
         return out
 
+    def counted(self, flow: str | None = None
+                ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+        """Task attempts by (task, status) and flow runs by status, of ``flow``
+        (default: every flow), summed over every group."""
+        tasks: dict[tuple[str, str], float] = {}
+        flows: dict[str, float] = {}
+        for g in self.groups():
+            for labels, v in g.metrics.get("orchestrator_task_runs_total", []):
+                if flow is None or labels["flow"] == flow:
+                    key = (labels["task"], labels["status"])
+                    tasks[key] = tasks.get(key, 0) + v
+            for labels, v in g.metrics.get("orchestrator_flow_runs_total", []):
+                if flow is None or labels["flow"] == flow:
+                    flows[labels["status"]] = flows.get(labels["status"], 0) + v
+        return tasks, flows
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

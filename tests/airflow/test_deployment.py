@@ -354,21 +354,6 @@ def _completed(gw: Pushgateway, dag_id: str) -> float | None:
         return None
 
 
-def _counted(gw: Pushgateway, dag_id: str) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
-    """Task attempts by (task, status) and DAG runs by status, summed over groups."""
-    tasks: dict[tuple[str, str], float] = {}
-    runs: dict[str, float] = {}
-    for g in gw.groups():
-        for labels, v in g.metrics.get(f"{NS}_task_runs_total", []):
-            if labels["flow"] == dag_id:
-                key = (labels["task"], labels["status"])
-                tasks[key] = tasks.get(key, 0) + v
-        for labels, v in g.metrics.get(f"{NS}_flow_runs_total", []):
-            if labels["flow"] == dag_id:
-                runs[labels["status"]] = runs.get(labels["status"], 0) + v
-    return tasks, runs
-
-
 _STATUS = {"success": "success", "failed": "failed", "skipped": "skipped",
            "upstream_failed": "upstream_failed"}
 
@@ -416,10 +401,10 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
                               ("not_chosen", "skipped"): n}
     assert expected_runs == {"failed": n}
     try:
-        wait_until(lambda: _counted(gw, "e2e_counts") == (expected_tasks, expected_runs),
+        wait_until(lambda: gw.counted("e2e_counts") == (expected_tasks, expected_runs),
                    timeout=60, interval=0.5, what="the counts")
     except AssertionError:
-        raise AssertionError(f"{_counted(gw, 'e2e_counts')}\n"
+        raise AssertionError(f"{gw.counted('e2e_counts')}\n"
                              + deployment.log("scheduler")[-3000:]) from None
     # one count group: the scheduler's host
     groups = [g.labels for g in gw.groups() if f"{NS}_flow_runs_total" in g.metrics]

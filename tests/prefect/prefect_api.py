@@ -24,3 +24,18 @@ def task_run_of(flow_run_id: Any, name: str, ended: Any = lambda state: state.is
             and ended(matches[0].state) else None
 
     return wait_until(found, 30, interval=0.1, what=f"the task run {name} in Prefect's API")
+
+
+def task_runs(client: Any, flow_run_ids: list[Any]) -> list[Any]:
+    """Every task run of the flow runs, as the API has them now (it gives at most
+    200 at a time: page)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs: list[Any] = []
+    while True:
+        page = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)),
+            limit=200, offset=len(runs))
+        runs += page
+        if len(page) < 200:
+            return runs

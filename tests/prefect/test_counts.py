@@ -10,6 +10,7 @@ import textwrap
 from typing import Any
 
 from gateway import Pushgateway, wait_until
+from prefect_api import task_runs
 
 NS = "orchestrator"
 MAPPED = 200
@@ -46,37 +47,17 @@ SCRIPT = textwrap.dedent("""
 """).replace("MAPPED_N", str(MAPPED))
 
 
-def _sums(gw: Pushgateway) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
-    tasks: dict[tuple[str, str], float] = {}
-    flows: dict[str, float] = {}
-    for g in gw.groups():
-        for labels, v in g.metrics.get(f"{NS}_task_runs_total", []):
-            key = (labels["task"], labels["status"])
-            tasks[key] = tasks.get(key, 0) + v
-        for labels, v in g.metrics.get(f"{NS}_flow_runs_total", []):
-            flows[labels["status"]] = flows.get(labels["status"], 0) + v
-    return tasks, flows
-
-
 def _prefect_record(flow_run_ids: list[str]) -> tuple[dict[tuple[str, str], float],
                                                       dict[str, float]]:
     """Prefect's own record: each task run's final state and its run count
     (earlier attempts are retries), and each flow run's final state."""
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     status = {"COMPLETED": "success", "FAILED": "failed"}
 
     def read() -> list[Any] | None:
-        runs: list[Any] = []
         with get_client(sync_client=True) as client:
-            while True:  # the API gives at most 200 at a time
-                page = client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)),
-                    limit=200, offset=len(runs))
-                runs += page
-                if len(page) < 200:
-                    break
+            runs = task_runs(client, flow_run_ids)
         done = [r for r in runs if r.state is not None and r.state.is_final()]
         return done if len(done) == (MAPPED + 1) * len(flow_run_ids) else None
 
@@ -114,6 +95,6 @@ def test_concurrent_flow_runs_count_exactly(pushgateway: Pushgateway, api_url: s
     assert expected[0] == {("square", "success"): 2 * 192, ("square", "failed"): 2 * 8,
                            ("flaky", "retry"): 2, ("flaky", "success"): 2}
     assert sum(expected[1].values()) == 2
-    assert _sums(pushgateway) == expected  # at exit of each process: no wait
+    assert pushgateway.counted() == expected  # at exit of each process: no wait
     groups = [g.labels for g in pushgateway.groups() if f"{NS}_task_runs_total" in g.metrics]
     assert len(groups) == 1 and groups[0]["job"] == "prefect"

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from gateway import Pushgateway, free_port, running, wait_until
+from prefect_api import task_runs
 
 NS = "orchestrator"
 FLOWS = os.path.join(os.path.dirname(__file__), "deployed")
@@ -444,22 +445,6 @@ def test_a_task_worker_reports_the_runs_it_executes(deployment: Deployment, task
         end - run.start_time.timestamp(), abs=1e-5)
 
 
-def _counted(gw: Pushgateway, flow: str) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
-    """The gateway's counts of ``flow``'s task attempts (by task, status) and flow
-    runs (by status), summed over every group."""
-    tasks: dict[tuple[str, str], float] = {}
-    flows: dict[str, float] = {}
-    for g in gw.groups():
-        for labels, v in g.metrics.get(f"{NS}_task_runs_total", []):
-            if labels["flow"] == flow:
-                key = (labels["task"], labels["status"])
-                tasks[key] = tasks.get(key, 0) + v
-        for labels, v in g.metrics.get(f"{NS}_flow_runs_total", []):
-            if labels["flow"] == flow:
-                flows[labels["status"]] = flows.get(labels["status"], 0) + v
-    return tasks, flows
-
-
 _PREFECT_STATUS = {"COMPLETED": "success", "FAILED": "failed", "CRASHED": "crashed"}
 
 
@@ -469,17 +454,8 @@ def _prefect_counts(d: Deployment, run_ids: list[Any]
     state, its earlier attempts as retries (run count - 1), each flow run's
     state. A task run that never finished (held when its process was killed)
     is no attempt that finished."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs: list[Any] = []
     with d.client() as client:
-        while True:  # the API gives at most 200 at a time
-            page = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)),
-                limit=200, offset=len(runs))
-            runs += page
-            if len(page) < 200:
-                break
+        runs = task_runs(client, run_ids)
         flow_states = [client.read_flow_run(r).state.type.value for r in run_ids]
     tasks: dict[tuple[str, str], float] = {}
     for r in runs:
@@ -514,9 +490,9 @@ def test_counts_under_the_worker_equal_prefects_record(deployment: Deployment) -
     # Its attempts so far reach the host's store within a push interval, and
     # Prefect's API (from the run's events, sent in the background: a kill
     # before they are sent loses them from Prefect's own record); then the kill.
-    wait_until(lambda: sum(n for (t, _), n in _counted(d.gw, flow)[0].items()
+    wait_until(lambda: sum(n for (t, _), n in d.gw.counted(flow)[0].items()
                            if t == "counted_square") == 200
-               and (("counted_flaky", "success") in _counted(d.gw, flow)[0]),
+               and (("counted_flaky", "success") in d.gw.counted(flow)[0]),
                60, interval=0.1, what="the killed run's counts before the kill")
     wait_until(lambda: _finished(_prefect_counts(d, [killed])) == 201, 60, interval=0.5,
                what="the killed run's task runs in the API before the kill")
@@ -542,7 +518,7 @@ def test_counts_under_the_worker_equal_prefects_record(deployment: Deployment) -
                            ("counted_square", "failed"): 3 * 8,
                            ("counted_flaky", "retry"): 3, ("counted_flaky", "success"): 3}
     assert expected[1]["crashed"] == 1 and sum(expected[1].values()) == 3
-    wait_until(lambda: _counted(d.gw, flow) == expected, 60, interval=0.2,
+    wait_until(lambda: d.gw.counted(flow) == expected, 60, interval=0.2,
                what=f"the counts; worker log:\n{d.log('worker.log')}")
     groups = {tuple(sorted(g.labels.items())) for g in d.gw.groups()
               if any(labels["flow"] == flow
