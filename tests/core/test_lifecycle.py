@@ -164,3 +164,47 @@ def test_the_sender_imports_nothing_on_its_own_thread(pushgateway: Pushgateway) 
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+# An Airflow task runner's last steps: its try's start and end recorded, then
+# `before_stopping` flushes (runtime.flush_at_exit), then the interpreter exits.
+TASK_RUNNER_EXIT = textwrap.dedent("""
+    import sys, time
+    import orchestrator_push as op
+    from orchestrator_push import runtime
+    op.configure(url=sys.argv[1], spool_dir=sys.argv[2], flush_timeout=float(sys.argv[3]))
+    runtime.get_engine().record_start("airflow", "dag", "task", at=1.0)
+    op.record_task(op.TaskRecord("airflow", "dag", "task", "success", 2.0, 1.0))
+    t0 = time.monotonic()
+    ok = runtime.flush_at_exit()
+    print("before_stopping", ok, round(time.monotonic() - t0, 1), flush=True)
+""")
+
+
+def test_a_gateway_that_never_answers_holds_an_exiting_process_one_flush_timeout(
+        tmp_path: object) -> None:
+    """It accepts connections and never answers: the exit costs one flush
+    timeout (the before-stopping flush), not one more at the interpreter's exit,
+    and the record waits in the spool."""
+    import socket
+    import time
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    spool = os.path.join(str(tmp_path), "spool")
+    try:
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-c", TASK_RUNNER_EXIT,
+                            f"http://127.0.0.1:{hole.getsockname()[1]}", spool, "5"],
+                           capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        hole.close()
+    assert p.returncode == 0, p.stdout + p.stderr
+    _, ok, flushed = next(x for x in p.stdout.splitlines() if x.startswith("before_stopping"))\
+        .split()
+    assert ok == "True" and 4.9 <= float(flushed) < 6.0, p.stdout  # spooled at its timeout
+    # the whole process: that one flush timeout (5 s) and the interpreter, not two timeouts
+    assert took < 2 * 5.0, (took, p.stderr)
+    assert Spool(spool, 10**9).pending() == 1  # the record, for the next process
