@@ -63,7 +63,9 @@ def _new_lock_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)
 _apps: dict[int, Celery] = {}
-_starts: dict[str, tuple[float, float | None]] = {}  # task id -> (monotonic start, queue wait)
+#: task id -> (monotonic start, queue wait, the request): the request is read once
+#: per attempt (``task.request`` costs as much as the rest of a handler)
+_starts: dict[str, tuple[float, float | None, Any]] = {}
 _relay: Relay | None = None
 _node: str | None = None  # this process's node (a pool process: its parent's)
 _nodes: dict[str, None] = {}  # nodes whose main process is this one
@@ -307,8 +309,8 @@ def on_before_task_publish(headers: dict[str, Any] | None = None, **_: Any) -> N
 @never_raises
 def on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if task_id is not None and _instrumented(task):
-        queued = _queued(task.request, time.time())
-        _starts[task_id] = (time.monotonic(), queued)
+        request = task.request
+        _starts[task_id] = (time.monotonic(), _queued(request, time.time()), request)
 
 
 @never_raises
@@ -328,8 +330,10 @@ def on_task_postrun(
             # SystemExit & co: the attempt was ended from outside (a terminate,
             # a hard time limit, a shutdown); the main process reports it.
             return
-    duration, queued = (time.monotonic() - started[0], started[1]) if started else (0.0, None)
-    request = getattr(task, "request", None)
+    if started is not None:
+        duration, queued, request = time.monotonic() - started[0], started[1], started[2]
+    else:
+        duration, queued, request = 0.0, None, getattr(task, "request", None)
     _emit(_record_of(task, _status(state, retval), duration, request, queued))
 
 
