@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import admin, doctor
 from .config import Config, ConfigError, load_config
 from .execute import run_and_report
 from .groups import parse_duration
@@ -224,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"orchestrator-push: invalid configuration: {exc}", file=sys.stderr)
             return 2
+    # The operator's commands are imported only for themselves: `exec` starts
+    # with every run of a cron job or CI step, and pays for what it imports.
+    from . import admin, doctor
+
     if args.command == "doctor":
         return doctor.run(sys.stdout, url=args.url, prometheus=args.prometheus)
     try:
