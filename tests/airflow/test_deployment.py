@@ -409,6 +409,15 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     # one count group: the scheduler's host
     groups = [g.labels for g in gw.groups() if f"{NS}_flow_runs_total" in g.metrics]
     assert len(groups) == 1 and groups[0]["job"] == "airflow" and "@" in groups[0]["instance"]
+    # The counted durations are Airflow's: each final try's end_date - start_date
+    # in its database, added up in the histogram's sum (a succeeding task here).
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        spans = db.execute("SELECT start_date, end_date FROM task_instance"
+                           " WHERE dag_id = 'e2e_counts' AND task_id = 'chosen'").fetchall()
+    [host] = [g for g in gw.groups() if f"{NS}_flow_runs_total" in g.metrics]
+    assert host.value(f"{NS}_task_duration_seconds", flow="e2e_counts", task="chosen",
+                      status="success", __sum__="1") == pytest.approx(
+        sum(_db_time(end) - _db_time(start) for start, end in spans), abs=1e-4)
     # Task instances no task runner ran (try number 0) have last-run series too,
     # from the scheduler, as Airflow's database holds them: status, attempt 0, end.
     with contextlib.closing(sqlite3.connect(db_path)) as db:
