@@ -66,6 +66,7 @@ _apps: dict[int, Celery] = {}
 #: task id -> (monotonic start, queue wait, the request): the request is read once
 #: per attempt (``task.request`` costs as much as the rest of a handler)
 _starts: dict[str, tuple[float, float | None, Any]] = {}
+_STARTS_MAX = 100_000  # attempts in progress in one process (gevent: its concurrency)
 _relay: Relay | None = None
 _node: str | None = None  # this process's node (a pool process: its parent's)
 _nodes: dict[str, None] = {}  # nodes whose main process is this one
@@ -309,6 +310,8 @@ def on_before_task_publish(headers: dict[str, Any] | None = None, **_: Any) -> N
 @never_raises
 def on_task_prerun(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if task_id is not None and _instrumented(task):
+        if len(_starts) >= _STARTS_MAX:  # postruns that never came (not seen): bounded
+            _starts.clear()
         request = task.request
         _starts[task_id] = (time.monotonic(), _queued(request, time.time()), request)
 
