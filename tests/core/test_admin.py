@@ -314,6 +314,17 @@ def test_status_adds_up_each_tasks_runs_over_every_counters_group(
         assert e.flush(10)
     finally:
         e.close(0)
+    # a scheduler's flow runs, counted in its host's store
+    f = op.Engine(op.load_config({}, url=pushgateway.url, job="airflow", interval=0.05,
+                                 spool_dir=os.path.join(str(tmp_path), "spool2")))
+    try:
+        for status, end in (("success", NOW - 10), ("failed", NOW)):
+            run = FlowRecord("airflow", "etl", status, end, 5.0)
+            f.record_flow(run)
+            f.count(run)
+        assert f.flush(10)
+    finally:
+        f.close(0)
     out = io.StringIO()
     assert admin.status(config(pushgateway), out, as_json=True) == 0
     rows = {(r["job"], r["task"]): r for r in json.loads(out.getvalue()) if r["kind"] == "task"}
@@ -324,6 +335,8 @@ def test_status_adds_up_each_tasks_runs_over_every_counters_group(
     assert (charge["runs_total"], charge["failures_total"]) == (4, 1)  # a retry is no failure
     assert charge["runs_by_status"] == {"failed": 1, "retry": 1, "success": 2}
     assert ship["runs_total"] is None and ship["runs_by_status"] is None
+    [etl] = [r for r in json.loads(out.getvalue()) if r["kind"] == "flow"]
+    assert (etl["job"], etl["runs_total"], etl["failures_total"]) == ("airflow", 2, 1)
     table = io.StringIO()
     assert admin.status(config(pushgateway), table, job="celery") == 0
     header, *lines = table.getvalue().splitlines()
