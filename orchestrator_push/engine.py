@@ -97,6 +97,8 @@ class Engine:
         self._started = False
         self._synchronous = False  # no thread could be started: deliver on the caller's
         self._exiting = False  # the interpreter is exiting: no more replays, deliver at once
+        # started, not synchronous, not exiting: a start needs nothing but its fold
+        self._steady = False
         self._holding_replays = 0  # exit flushes in progress: they start no replay
         self._replaying = False
         self._next_replay = 0.0
@@ -188,14 +190,25 @@ class Engine:
         try:
             if not self.config.enabled or self._closed:
                 return
-            if self._pid != os.getpid():
-                self._after_fork()
             start = time.time() if at is None else float(at)
             if start - start != 0.0:
                 return
-            with self._lock:
+            # Every Celery attempt comes here (bench/bench_start.py): no getpid()
+            # system call and no ``with`` (each costs more than the fold). A fork
+            # that bypassed os.fork's hooks is caught where it matters, on a lock
+            # the parent held; otherwise the start lands in the inherited table,
+            # which the end's own fork check (_admit) discards: a start is not a record.
+            lock = self._lock
+            if not lock.acquire(False):
+                if self._pid != os.getpid():
+                    self._after_fork()
+                    lock = self._lock
+                lock.acquire()
+            try:
                 ok = self._table.start(framework, flow, task, start, timeout, waited)
-            if not ok or not self._started or self._synchronous or self._exiting:
+            finally:
+                lock.release()
+            if not ok or not self._steady:
                 self._after_record(ok)  # the uncommon cases, out of the common path
         except Exception:
             warn_limited("start", "orchestrator_push: could not record a start")
@@ -300,6 +313,8 @@ class Engine:
                 self._sender.start(self._make_transport)
             except RuntimeError:  # interpreter shutdown (Python 3.12+): no new threads
                 self._synchronous = self._exiting = True
+            else:
+                self._steady = not self._exiting
 
     def start(self) -> None:
         """Start the sender now rather than at the first record, so the spool of
@@ -535,6 +550,7 @@ class Engine:
     def _at_exit(self) -> None:
         if not self._closed and self._pid == os.getpid():
             self._exiting = True
+            self._steady = False
             self.flush_at_exit()
 
     def pending(self) -> int:

@@ -208,3 +208,46 @@ def test_a_gateway_that_never_answers_holds_an_exiting_process_one_flush_timeout
     # the whole process: that one flush timeout (5 s) and the interpreter, not two timeouts
     assert took < 2 * 5.0, (took, p.stderr)
     assert Spool(spool, 10**9).pending() == 1  # the record, for the next process
+
+
+# A fork that bypasses os.fork's hooks (a C extension's fork(), here libc's)
+# while the engine's lock is held: record_start, which skips getpid() on its
+# common path, must notice it on the held lock instead of waiting forever.
+RAW_FORK_WITH_THE_ENGINE_LOCKED = textwrap.dedent("""
+    import ctypes, os, sys, threading, time
+    import orchestrator_push as op
+    e = op.Engine(op.load_config({}, url=sys.argv[1], spool_dir="off"))
+    held, release = threading.Event(), threading.Event()
+    def holder():
+        with e._lock:
+            held.set()
+            release.wait()
+    threading.Thread(target=holder, daemon=True).start()
+    held.wait()
+    pid = ctypes.CDLL(None, use_errno=True).fork()
+    if pid == 0:
+        e.record_start("exec", "raw-fork", "child", at=6.0)
+        e.record_task(op.TaskRecord("exec", "raw-fork", "child", "success", 7.0, 1.0))
+        os._exit(0 if e.flush(10) else 3)
+    release.set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print(os.waitstatus_to_exitcode(status))
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        print("deadlock")
+""")
+
+
+def test_a_start_in_a_child_forked_past_os_fork_with_the_engine_locked_is_recorded(
+        pushgateway: Pushgateway) -> None:
+    p = subprocess.run([sys.executable, "-c", RAW_FORK_WITH_THE_ENGINE_LOCKED, pushgateway.url],
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "0", p.stdout + p.stderr
+    g = pushgateway.group(job="exec", flow="raw-fork", task="child")
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 7.0
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds") == 6.0
