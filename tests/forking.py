@@ -26,6 +26,11 @@ FORK_WITH_LOCKS_HELD = textwrap.dedent("""
         op.configure(url=sys.argv[1], spool_dir="off")
         op.record_task(op.TaskRecord("exec", "forked", "child", "success", 7.0, 1.0))
         os._exit(0 if op.flush(10) else 3)
+""")
+
+# The parent's side: let the holder go, print the child's exit code (or
+# "deadlock" after 20 s, and kill it).
+WAIT_FOR_CHILD = textwrap.dedent("""
     release.set()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -43,5 +48,6 @@ FORK_WITH_LOCKS_HELD = textwrap.dedent("""
 def fork_with_locks_held(url: str, *modules: str) -> subprocess.CompletedProcess[str]:
     """Fork while a thread holds the module locks of ``modules``; the child logs,
     configures, records and flushes."""
-    return subprocess.run([sys.executable, "-c", FORK_WITH_LOCKS_HELD, url, *modules],
+    return subprocess.run([sys.executable, "-c", FORK_WITH_LOCKS_HELD + WAIT_FOR_CHILD, url,
+                           *modules],
                           capture_output=True, text=True, timeout=60)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from forking import fork_with_locks_held
+from forking import WAIT_FOR_CHILD, fork_with_locks_held
 from gateway import Pushgateway, free_port
 
 from orchestrator_push.records import TaskRecord
@@ -229,18 +229,7 @@ RAW_FORK_WITH_THE_ENGINE_LOCKED = textwrap.dedent("""
         e.record_start("exec", "raw-fork", "child", at=6.0)
         e.record_task(op.TaskRecord("exec", "raw-fork", "child", "success", 7.0, 1.0))
         os._exit(0 if e.flush(10) else 3)
-    release.set()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            print(os.waitstatus_to_exitcode(status))
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        print("deadlock")
-""")
+""") + WAIT_FOR_CHILD
 
 
 def test_a_start_in_a_child_forked_past_os_fork_with_the_engine_locked_is_recorded(
