@@ -18,7 +18,7 @@ from typing import Any
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
-from . import runtime
+from . import airflow_supervisor, runtime
 from .config import PREFIX
 from .logs import never_raises
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, UPSTREAM_FAILED, FlowRecord, TaskRecord
@@ -132,6 +132,7 @@ def _note_dag_run_start(dag_run: Any) -> None:
 
 ROLE = "airflow-scheduler"
 _scheduler: tuple[tuple[str, str], ...] | None = None  # this process's node group, if a scheduler
+_scheduler_pid = -1  # (its children inherit _scheduler)
 
 
 def _is_scheduler(component: Any) -> bool:
@@ -145,9 +146,10 @@ def _is_scheduler(component: Any) -> bool:
 def _note_component_start(component: Any) -> None:
     """The scheduler pushes its liveness in its own group (``instance`` = the
     job's host name) every push interval."""
-    global _scheduler
+    global _scheduler, _scheduler_pid
     if not _is_scheduler(component):
         return
+    _scheduler_pid = os.getpid()
     engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
     if engine is None:
         return
@@ -192,21 +194,55 @@ def _task_record(ti: Any, status: str, started: float | None = None) -> TaskReco
 
 
 @never_raises
-def _record_ti(ti: Any, status: str) -> None:
+def _record_ti(ti: Any, status: str, previous_state: Any = "running") -> None:
     started = _STARTED.pop(_try_key(ti), None)
-    # A state set by hand through the API server or UI reaches the listener with
-    # an ORM TaskInstance that has no task: no run happened, nothing to count.
-    if getattr(ti, "task", None) is None:
-        log.info(
-            "orchestrator-push: %s.%s set to %s by hand, not counted as a run",
-            getattr(ti, "dag_id", "?"),
-            getattr(ti, "task_id", "?"),
-            status,
-        )
+    # A state set by hand through the API server or UI (Airflow 3) reaches the
+    # listener with no previous state and an ORM TaskInstance without its task.
+    if previous_state is None and getattr(ti, "task", None) is None:
+        _record_marked_ti(ti, status)
         return
     if runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is None:
         return
     runtime.record_task(_task_record(ti, status, started))
+    if started is None and os.getpid() != _scheduler_pid:
+        # Not the try's own process, nor the scheduler: Airflow 2's DAG file
+        # processor failing a zombie, a process multiprocessing ends with
+        # os._exit (no atexit). Deliver now, bounded by the flush timeout.
+        runtime.flush()
+
+
+def _newest_run(obj: Any) -> bool:
+    """Whether ``obj`` (a task instance or DAG run) belongs to its DAG's newest
+    run, the one whose outcome the last-run series show."""
+    from airflow.models.dagrun import DagRun
+    from sqlalchemy import select
+
+    order = getattr(DagRun, "run_after", None) or DagRun.execution_date
+    session, own = _session_of(obj)
+    try:
+        newest = session.execute(
+            select(DagRun.run_id).where(DagRun.dag_id == obj.dag_id).order_by(order.desc()).limit(1)
+        ).scalar()
+    finally:
+        if own is not None:
+            own.close()
+    return newest is None or newest == obj.run_id
+
+
+def _record_marked_ti(ti: Any, status: str) -> None:
+    """A task instance marked by hand: Airflow shows the mark from now on, so
+    does its last-run series (when it is of the newest run). Not counted: no
+    try ran."""
+    newest = _newest_run(ti)
+    log.info(
+        "orchestrator-push: %s.%s set to %s by hand%s; not counted as a run",
+        ti.dag_id,
+        ti.task_id,
+        status,
+        ": now its last status" if newest else " in an older run than the newest: not reported",
+    )
+    if newest and runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is not None:
+        runtime.record_task(_task_record(ti, status))
 
 
 #: A task instance's final state as counted when its DAG run ends; others
@@ -335,11 +371,28 @@ def _count(engine: Any, tis: list[Any], earlier: list[TaskRecord], run: FlowReco
     engine.count(run)
 
 
+#: How Airflow 3's API server says, in the DAG-run hooks' message, that a user
+#: set the run's state.
+_MARKED = "manually set"
+
+
 @never_raises
-def _record_dag_run(dag_run: Any, status: str) -> None:
+def _record_dag_run(dag_run: Any, status: str, msg: Any = "") -> None:
     engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
     if engine is None:
         return
+    marked = _MARKED in str(msg or "")
+    if marked:
+        newest = _newest_run(dag_run)
+        log.info(
+            "orchestrator-push: DAG run %s.%s set to %s by hand%s; not counted as a run",
+            dag_run.dag_id,
+            dag_run.run_id,
+            status,
+            ": now its last status" if newest else " (older than the newest: not reported)",
+        )
+        if not newest:
+            return
     tis, earlier = _read_run(dag_run)
     _record_not_run(tis)
     end = getattr(dag_run, "end_date", None)
@@ -358,7 +411,8 @@ def _record_dag_run(dag_run: Any, status: str) -> None:
         duration=duration,
     )
     runtime.record_flow(run)
-    _count(engine, tis, earlier, run)
+    if not marked:  # a mark is not a run; (a run that had ended was counted then)
+        _count(engine, tis, earlier, run)
 
 
 class Listener:
@@ -370,18 +424,18 @@ class Listener:
 
     @hookimpl
     def on_task_instance_success(self, previous_state: Any, task_instance: Any) -> None:
-        _record_ti(task_instance, SUCCESS)
+        _record_ti(task_instance, SUCCESS, previous_state)
 
     @hookimpl
     def on_task_instance_failed(
         self, previous_state: Any, task_instance: Any, error: Any = None
     ) -> None:
         status = RETRY if _state(task_instance) == "up_for_retry" else FAILED
-        _record_ti(task_instance, status)
+        _record_ti(task_instance, status, previous_state)
 
     @hookimpl
     def on_task_instance_skipped(self, previous_state: Any, task_instance: Any) -> None:
-        _record_ti(task_instance, SKIPPED)
+        _record_ti(task_instance, SKIPPED, previous_state)
 
     @hookimpl
     def on_dag_run_running(self, dag_run: Any, msg: str) -> None:
@@ -389,11 +443,11 @@ class Listener:
 
     @hookimpl
     def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
-        _record_dag_run(dag_run, SUCCESS)
+        _record_dag_run(dag_run, SUCCESS, msg)
 
     @hookimpl
     def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
-        _record_dag_run(dag_run, FAILED)
+        _record_dag_run(dag_run, FAILED, msg)
 
     @hookimpl
     def on_starting(self, component: Any) -> None:
@@ -407,6 +461,21 @@ class Listener:
 
 
 listener = Listener()
+
+
+@never_raises
+def _record_supervised(rec: TaskRecord) -> None:
+    """A try whose task runner died, as its supervisor reported it (Airflow 3)."""
+    if runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE) is None:
+        return
+    runtime.record_task(rec)
+    # The executor's worker may be ended with os._exit (a LocalExecutor worker
+    # is a multiprocessing child): deliver now, bounded by the flush timeout.
+    runtime.flush()
+
+
+if not SKIPPED_AT_DAG_RUN_END:  # Airflow 3: the task runner has a supervisor
+    airflow_supervisor.patch(_record_supervised)
 
 
 class OrchestratorPushPlugin(AirflowPlugin):

@@ -1,5 +1,5 @@
-"""A DAG whose task runs until the test releases it: its start must be at the
-gateway while it runs (time limits set on the task and the DAG run)."""
+"""A DAG whose task runs until the test releases it (or kills it): its start must
+be at the gateway while it runs (time limits set on the task and the DAG run)."""
 
 from __future__ import annotations
 
@@ -26,4 +26,6 @@ def _wait() -> None:
 
 with DAG("e2e_wait", start_date=datetime(2026, 1, 1), schedule=None, catchup=False,
          dagrun_timeout=timedelta(hours=1)) as dag:
-    PythonOperator(task_id="wait", python_callable=_wait, execution_timeout=timedelta(minutes=10))
+    # one retry, at once: the test that kills the task kills each of its two tries
+    PythonOperator(task_id="wait", python_callable=_wait, execution_timeout=timedelta(minutes=10),
+                   retries=1, retry_delay=timedelta(seconds=1))
