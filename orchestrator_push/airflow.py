@@ -274,7 +274,16 @@ def _session_of(dag_run: Any) -> tuple[Any, Any]:
 
 #: What counting reads of a try: loading whole ORM task instances cost the
 #: scheduler ten times as much (bench/bench_airflow_counts.py).
-_TRY_COLUMNS = ("dag_id", "task_id", "map_index", "try_number", "state", "start_date", "end_date")
+_TRY_COLUMNS = (
+    "dag_id",
+    "task_id",
+    "map_index",
+    "try_number",
+    "state",
+    "start_date",
+    "end_date",
+    "hostname",  # empty: no task runner ran it
+)
 
 
 def _rows(session: Any, model: str, dag_run: Any, columns: tuple[str, ...]) -> list[Any]:
@@ -350,10 +359,15 @@ def _read_run(dag_run: Any) -> tuple[list[Any], list[TaskRecord]]:
 
 def _record_not_run(tis: list[Any]) -> None:
     """Task instances no task runner reported: those that never ran (try number
-    0: skipped by a branch, a short-circuit or a trigger rule, upstream failed)
-    and, on Airflow 2 (no skipped hook), every skipped one."""
+    0: skipped by a branch, a short-circuit or a trigger rule, upstream failed),
+    those the scheduler set to success itself (EmptyOperator, ExternalTaskMarker:
+    no host ran them) and, on Airflow 2 (no skipped hook), every skipped one."""
     for ti in tis:
         state = _state(ti)
+        if state == "success":
+            if not getattr(ti, "hostname", None):
+                runtime.record_task(_task_record(ti, SUCCESS))
+            continue
         if state not in ("skipped", "upstream_failed"):
             continue
         if int(getattr(ti, "try_number", 0) or 0) == 0 or (

@@ -476,7 +476,7 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         rows = db.execute("SELECT task_id, state, try_number FROM task_instance"
                           " WHERE dag_id = 'e2e_counts'").fetchall()
-    assert len(rows) == 6 * len(runs)
+    assert len(rows) == 7 * len(runs)
     for task_id, state, try_number in rows:
         key = (task_id, _STATUS[state])
         expected_tasks[key] = expected_tasks.get(key, 0) + 1
@@ -490,7 +490,7 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     assert expected_tasks == {("flaky", "retry"): n, ("flaky", "success"): n,
                               ("boom", "failed"): n, ("after_boom", "upstream_failed"): n,
                               ("pick", "success"): n, ("chosen", "success"): n,
-                              ("not_chosen", "skipped"): n}
+                              ("not_chosen", "skipped"): n, ("marker", "success"): n}
     assert expected_runs == {"failed": n}
     try:
         wait_until(lambda: gw.counted("e2e_counts") == (expected_tasks, expected_runs),
@@ -527,3 +527,18 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
         assert g.value(f"{NS}_task_last_attempt") == 0
         assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == \
             pytest.approx(max(ends), abs=1e-3)
+    # The EmptyOperator the scheduler set to success (no host ran it), as the
+    # database holds it: success, its try number, its end.
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        markers = db.execute("SELECT state, try_number, end_date, hostname FROM task_instance"
+                             " WHERE dag_id = 'e2e_counts' AND task_id = 'marker'"
+                             " ORDER BY end_date").fetchall()
+    assert len(markers) == n and {(s, h or "") for s, _, _, h in markers} == {("success", "")}
+    wait_until(lambda: any(g.labels.get("task") == "marker" for g in gw.groups()),
+               timeout=30, interval=0.5, what="the marker's group")
+    g = gw.group(job="airflow", flow="e2e_counts", task="marker")
+    assert g.value(f"{NS}_task_last_status", framework="airflow", status="success") == 1
+    assert g.value(f"{NS}_task_last_attempt") == markers[-1][1]
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == \
+        pytest.approx(_db_time(markers[-1][2]), abs=1e-3)
+    assert g.value(f"{NS}_task_last_duration_seconds") == pytest.approx(0.0, abs=1e-3)

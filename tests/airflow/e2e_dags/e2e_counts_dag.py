@@ -1,16 +1,19 @@
 """A DAG whose runs hold one of each outcome a try can have: a retry then a
-success, a failure, an upstream failure, a branch that skips. The counting
-test triggers several runs of it at once on a real scheduler."""
+success, a failure, an upstream failure, a branch that skips, and a marker the
+scheduler sets to success without running it. The counting test triggers
+several runs of it at once on a real scheduler."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 try:  # Airflow 3
+    from airflow.providers.standard.operators.empty import EmptyOperator
     from airflow.providers.standard.operators.python import BranchPythonOperator, PythonOperator
     from airflow.sdk import DAG
 except ImportError:  # Airflow 2.10
     from airflow import DAG
+    from airflow.operators.empty import EmptyOperator
     from airflow.operators.python import BranchPythonOperator, PythonOperator
 
 
@@ -38,3 +41,4 @@ with DAG("e2e_counts", start_date=datetime(2026, 1, 1), schedule=None, catchup=F
     other = PythonOperator(task_id="not_chosen", python_callable=_done)
     boom >> after
     pick >> [chosen, other]
+    EmptyOperator(task_id="marker")
