@@ -476,7 +476,7 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         rows = db.execute("SELECT task_id, state, try_number FROM task_instance"
                           " WHERE dag_id = 'e2e_counts'").fetchall()
-    assert len(rows) == 7 * len(runs)
+    assert len(rows) == 10 * len(runs)
     for task_id, state, try_number in rows:
         key = (task_id, _STATUS[state])
         expected_tasks[key] = expected_tasks.get(key, 0) + 1
@@ -490,7 +490,9 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     assert expected_tasks == {("flaky", "retry"): n, ("flaky", "success"): n,
                               ("boom", "failed"): n, ("after_boom", "upstream_failed"): n,
                               ("pick", "success"): n, ("chosen", "success"): n,
-                              ("not_chosen", "skipped"): n, ("marker", "success"): n}
+                              ("not_chosen", "skipped"): n, ("marker", "success"): n,
+                              ("gate", "success"): n, ("gated", "skipped"): n,
+                              ("on_failure", "skipped"): n}
     assert expected_runs == {"failed": n}
     try:
         wait_until(lambda: gw.counted("e2e_counts") == (expected_tasks, expected_runs),
@@ -515,9 +517,10 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         never = db.execute("SELECT task_id, state, end_date FROM task_instance"
                            " WHERE dag_id = 'e2e_counts' AND try_number = 0").fetchall()
-    assert sorted({(t, s) for t, s, _ in never}) == [("after_boom", "upstream_failed"),
-                                                    ("not_chosen", "skipped")]
-    for task_id, state in (("after_boom", "upstream_failed"), ("not_chosen", "skipped")):
+    skipped_or_not_run = [("after_boom", "upstream_failed"), ("gated", "skipped"),
+                          ("not_chosen", "skipped"), ("on_failure", "skipped")]
+    assert sorted({(t, s) for t, s, _ in never}) == skipped_or_not_run
+    for task_id, state in skipped_or_not_run:  # upstream, short-circuit, branch, trigger rule
         ends = [_db_time(e) for t, _, e in never if t == task_id]
         assert len(ends) == n
         wait_until(lambda: any(g.labels.get("task") == task_id for g in gw.groups()),  # noqa: B023

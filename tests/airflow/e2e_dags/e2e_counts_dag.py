@@ -1,6 +1,7 @@
 """A DAG whose runs hold one of each outcome a try can have: a retry then a
-success, a failure, an upstream failure, a branch that skips, and a marker the
-scheduler sets to success without running it. The counting test triggers
+success, a failure, an upstream failure, a branch, a short-circuit and a
+trigger rule that skip, and a marker the scheduler sets to success without
+running it. The counting test triggers
 several runs of it at once on a real scheduler."""
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from datetime import datetime, timedelta
 
 try:  # Airflow 3
     from airflow.providers.standard.operators.empty import EmptyOperator
-    from airflow.providers.standard.operators.python import BranchPythonOperator, PythonOperator
+    from airflow.providers.standard.operators.python import (
+        BranchPythonOperator,
+        PythonOperator,
+        ShortCircuitOperator,
+    )
     from airflow.sdk import DAG
 except ImportError:  # Airflow 2.10
     from airflow import DAG
     from airflow.operators.empty import EmptyOperator
-    from airflow.operators.python import BranchPythonOperator, PythonOperator
+    from airflow.operators.python import BranchPythonOperator, PythonOperator, ShortCircuitOperator
 
 
 def _flaky(ti=None) -> None:  # type: ignore[no-untyped-def]  # Airflow passes the task instance
@@ -42,3 +47,7 @@ with DAG("e2e_counts", start_date=datetime(2026, 1, 1), schedule=None, catchup=F
     boom >> after
     pick >> [chosen, other]
     EmptyOperator(task_id="marker")
+    gate = ShortCircuitOperator(task_id="gate", python_callable=lambda: False)
+    gate >> PythonOperator(task_id="gated", python_callable=_done)
+    chosen >> PythonOperator(task_id="on_failure", python_callable=_done,
+                             trigger_rule="all_failed")
