@@ -94,8 +94,16 @@ def _note_start(ti: Any) -> None:
     if engine is None:
         return
     start = getattr(ti, "start_date", None)
-    at = start.timestamp() if start is not None else now
+    at = poked = start.timestamp() if start is not None else now
     task = getattr(ti, "task", None)
+    timeout = _limit(getattr(task, "execution_timeout", None))
+    if getattr(task, "mode", None) == "reschedule":
+        # A sensor that gives its slot back between pokes: its try started at
+        # the first poke and may wait up to the sensor's timeout (a poke's
+        # execution_timeout says nothing of the wait between pokes).
+        first = _first_poke(ti)
+        at = first.timestamp() if first is not None else at
+        timeout = _limit(getattr(task, "timeout", None)) or timeout
     # Airflow 2's task instance says when the scheduler queued it; Airflow 3's
     # task runner is not told
     queued = getattr(ti, "queued_dttm", None)
@@ -104,9 +112,32 @@ def _note_start(ti: Any) -> None:
         str(ti.dag_id),
         str(ti.task_id),
         at=at,
-        timeout=_limit(getattr(task, "execution_timeout", None)),
-        waited=max(at - queued.timestamp(), 0.0) if queued is not None else None,
+        timeout=timeout,
+        waited=max(poked - queued.timestamp(), 0.0) if queued is not None else None,
     )
+
+
+def _first_poke(ti: Any) -> datetime | None:
+    """When a reschedule-mode sensor's try first poked (None at its first poke):
+    Airflow 3's runner asks its supervisor; Airflow 2's keeps it in its
+    task_reschedule table."""
+    ask = getattr(ti, "get_first_reschedule_date", None)
+    context = getattr(ti, "get_template_context", None)
+    if ask is not None and context is not None:
+        first: datetime | None = ask(context())
+        return first
+    from airflow.models.taskreschedule import TaskReschedule
+
+    session, own = _session_of(ti)
+    try:
+        return session.scalar(  # type: ignore[no-any-return]
+            TaskReschedule.stmt_for_task_instance(ti, descending=False)
+            .with_only_columns(TaskReschedule.start_date)
+            .limit(1)
+        )
+    finally:
+        if own is not None:
+            own.close()
 
 
 @never_raises
@@ -257,13 +288,13 @@ _COUNTED = {
 _EARLIER = {**_COUNTED, "failed": RETRY}
 
 
-def _session_of(dag_run: Any) -> tuple[Any, Any]:
-    """The caller's session (never a new scoped one: closing Airflow 2's would
-    detach the scheduler's objects), or one of our own for a detached run
-    (dag.test()): (session, what to close)."""
+def _session_of(obj: Any) -> tuple[Any, Any]:
+    """The session ``obj`` (a DAG run or task instance) is in (never a new scoped
+    one: closing Airflow 2's would detach the scheduler's objects), or one of
+    our own for a detached object (dag.test()): (session, what to close)."""
     from sqlalchemy.orm import object_session
 
-    session = object_session(dag_run)
+    session = object_session(obj)
     if session is not None:
         return session, None
     from airflow import settings

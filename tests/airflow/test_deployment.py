@@ -126,6 +126,14 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
         "ORCHESTRATOR_PUSH_SPOOL_DIR": os.path.join(home, "spool"),
         "E2E_RELEASE": os.path.join(home, "release"),  # e2e_wait's task ends once it exists
     })
+    # a try whose supervising process dies is failed after this long without a
+    # heartbeat (default 5 minutes); heartbeats come every 5 s
+    if AIRFLOW_2:
+        env.update({"AIRFLOW__SCHEDULER__SCHEDULER_ZOMBIE_TASK_THRESHOLD": "30",
+                    "AIRFLOW__SCHEDULER__ZOMBIE_DETECTION_INTERVAL": "2"})
+    else:
+        env.update({"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+                    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"})
     subprocess.run([os.path.join(bindir, "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)
     procs = []
@@ -136,7 +144,7 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
                                       start_new_session=True))
     d = Deployment(home, port, env, procs)
     try:
-        for dag_id in ("e2e", "e2e_wait", "e2e_counts"):
+        for dag_id in ("e2e", "e2e_wait", "e2e_counts", "e2e_sensor"):
             wait_until(lambda: _dag_is_parsed(d, dag_id), timeout=240, interval=1,  # noqa: B023
                        what=f"DAG {dag_id} parsed")
         yield d
@@ -349,6 +357,16 @@ def _try_in_db(d: Deployment, run_id: str, n: int) -> tuple[str | None, float, f
     return state, _db_time(start), _db_time(end)
 
 
+def _ended_try_in_db(d: Deployment, run_id: str, n: int) -> tuple[str | None, float, float]:
+    """The same once Airflow has committed the try's end (a process that fails
+    a try can report it before its transaction commits)."""
+    def ended() -> tuple[str | None, float, float] | None:
+        with contextlib.suppress(TypeError, ValueError):  # no end yet, or no row
+            return _try_in_db(d, run_id, n)
+        return None
+    return wait_until(ended, timeout=30, interval=0.2, what=f"try {n}'s end in the database")
+
+
 @pytest.mark.timeout(400)
 def test_a_sigkilled_task_process_is_reported_by_the_process_that_fails_it(
         deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
@@ -409,7 +427,7 @@ def test_a_sigkilled_task_process_is_reported_by_the_process_that_fails_it(
     # instance's end is set). Airflow 3's supervisor reports when the API server
     # has taken the state (its clock, just after the end it sent).
     for n, (_, completed, duration) in enumerate(seen, 1):
-        state, db_start, db_end = _try_in_db(deployment, run_id, n)
+        state, db_start, db_end = _ended_try_in_db(deployment, run_id, n)
         if AIRFLOW_2:
             tolerance = 1e-3 if n == len(seen) else 0.5
             assert completed == pytest.approx(db_end, abs=tolerance)
@@ -420,6 +438,132 @@ def test_a_sigkilled_task_process_is_reported_by_the_process_that_fails_it(
             # server kept: a fraction of a second apart (within 0.5 s seen)
             assert abs(completed - db_end) < 5, (n, completed, db_end)
             assert abs(duration - (db_end - db_start)) < 5, (n, duration, db_start, db_end)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.timeout(400)
+def test_a_try_whose_supervising_process_is_killed_is_reported_when_airflow_fails_it(
+        deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
+    """A zombie: the process supervising the try (Airflow 3's supervisor, in a
+    LocalExecutor worker; 2.10's `airflow tasks run --local`) is SIGKILLed, the
+    try's heartbeats stop, and after the heartbeat timeout Airflow fails it
+    (3.x: the scheduler; 2.10: the scheduler finds it, the DAG file processor
+    fails it). That process reports it: retry, attempt 1, Airflow's end date.
+    The second try is let finish: success, attempt 2."""
+    gw = gateway_for_deployment
+    release = deployment.env["E2E_RELEASE"]
+    for path in (release, release + ".pid"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    before = _completed(gw, "e2e_wait")
+    run_id = deployment.trigger("e2e_wait")
+    pid = int(wait_until(lambda: _read(release + ".pid"), timeout=240, interval=0.2,
+                         what="the task process"))
+    start = wait_until(lambda: (s := _started(gw)) is not None and s > (before or 0) and s,
+                       timeout=60, interval=0.2, what="the try's start at the gateway")
+    os.kill(_parent(pid), signal.SIGKILL)  # the task itself runs on, unsupervised
+
+    def reported() -> float | None:
+        deployment.check_alive()
+        task = gw.group(job="airflow", flow="e2e_wait", task="wait")
+        done = task.metrics.get(f"{NS}_task_last_completion_timestamp_seconds")
+        return done[0][1] if done and done[0][1] >= start else None
+    try:
+        completed = wait_until(reported, timeout=150, interval=0.5,
+                               what="the zombie's failure at the gateway")
+    except AssertionError:
+        raise AssertionError(deployment.log("scheduler")[-4000:]) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # the orphaned task process
+    task = gw.group(job="airflow", flow="e2e_wait", task="wait")
+    assert task.value(f"{NS}_task_last_status", status="retry") == 1
+    assert task.value(f"{NS}_task_last_attempt") == 1
+    _, db_start, db_end = _ended_try_in_db(deployment, run_id, 1)  # Airflow's own record
+    assert completed == pytest.approx(db_end, abs=0.5)
+    assert task.value(f"{NS}_task_last_duration_seconds") == pytest.approx(
+        db_end - db_start, abs=0.5)
+    # the second try runs and is let finish
+    wait_until(lambda: (p := _read(release + ".pid")) and int(p) != pid, timeout=240,
+               interval=0.2, what="the second try's process")
+    open(release, "w").close()
+    wait_until(lambda: (_completed(gw, "e2e_wait") or 0) > (before or 0), timeout=120,
+               interval=0.5, what="the DAG run's end")
+    assert deployment.task_instances(run_id, "e2e_wait")["wait"]["state"] == "success"
+    task = gw.group(job="airflow", flow="e2e_wait", task="wait")
+    assert task.value(f"{NS}_task_last_status", status="success") == 1
+    assert task.value(f"{NS}_task_last_attempt") == 2
+
+
+def _first_poke_in_db(d: Deployment, run_id: str) -> float | None:
+    """Airflow's record of when e2e_sensor's try first poked: its first
+    reschedule's start (Airflow 3 links it to the task instance by id)."""
+    join = ("r.dag_id = ti.dag_id AND r.task_id = ti.task_id AND r.run_id = ti.run_id"
+            if AIRFLOW_2 else "r.ti_id = ti.id")
+    with contextlib.closing(sqlite3.connect(os.path.join(d.home, "airflow.db"))) as db:
+        (first,) = db.execute(
+            f"SELECT MIN(r.start_date) FROM task_reschedule r JOIN task_instance ti ON {join}"
+            " WHERE ti.dag_id = 'e2e_sensor' AND ti.run_id = ?", (run_id,)).fetchone()
+    return _db_time(first) if first else None
+
+
+@pytest.mark.timeout(400)
+def test_a_reschedule_mode_sensor_is_in_progress_from_its_first_poke(
+        deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
+    """Each poke is a try of its own that gives its slot back. Between pokes the
+    sensor still waits: its start is the first poke's (as Airflow records it)
+    and its time limit the sensor's timeout (600 s), not a poke's
+    execution_timeout (30 s), so the Hung alert does not fire between pokes."""
+    gw = gateway_for_deployment
+    base = deployment.env["E2E_RELEASE"]
+    for path in (base + ".pokes", base + ".sensor"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    before = _completed(gw, "e2e_sensor")
+    run_id = deployment.trigger("e2e_sensor")
+
+    def pokes() -> int:
+        deployment.check_alive()
+        return len((_read(base + ".pokes") or "").split())
+
+    wait_until(lambda: pokes() >= 2, timeout=240, interval=0.2, what="two pokes")
+    first = _first_poke_in_db(deployment, run_id)
+    assert first is not None
+
+    def start() -> float | None:
+        try:
+            return gw.group(job="airflow", flow="e2e_sensor", task="wait").value(
+                f"{NS}_task_last_start_timestamp_seconds")
+        except KeyError:
+            return None
+
+    try:
+        wait_until(lambda: start() == pytest.approx(first, abs=1e-3), timeout=60, interval=0.2,
+                   what="the first poke's start at the gateway")
+    except AssertionError:
+        raise AssertionError((start(), first, _read(base + ".pokes"))) from None
+    task = gw.group(job="airflow", flow="e2e_sensor", task="wait")
+    assert task.value(f"{NS}_task_timeout_seconds") == 600
+    assert f"{NS}_task_last_completion_timestamp_seconds" not in task.metrics  # in progress
+    open(base + ".sensor", "w").close()
+    wait_until(lambda: (_completed(gw, "e2e_sensor") or 0) > (before or 0), timeout=120,
+               interval=0.5, what="the DAG run's end")
+    ti = deployment.task_instances(run_id, "e2e_sensor")["wait"]  # Airflow's own record
+    assert ti["state"] == "success"
+    task = gw.group(job="airflow", flow="e2e_sensor", task="wait")
+    assert task.value(f"{NS}_task_last_status", status="success") == 1
+    assert task.value(f"{NS}_task_last_start_timestamp_seconds") == pytest.approx(first, abs=1e-3)
+    done = task.value(f"{NS}_task_last_completion_timestamp_seconds")
+    assert done > first
+    # the duration Airflow records: 2.10 from the first poke, 3.x the last poke
+    # (the runner's clock on 3.x: its start can be seconds after the database's)
+    assert task.value(f"{NS}_task_last_duration_seconds") == pytest.approx(
+        _airflow_time(ti["end_date"]) - _airflow_time(ti["start_date"]),
+        abs=1e-3 if AIRFLOW_2 else 10)
 
 
 def _read(path: str) -> str | None:
