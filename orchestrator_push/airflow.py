@@ -18,7 +18,7 @@ from typing import Any
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
-from . import airflow_supervisor, runtime
+from . import airflow_marks, airflow_supervisor, runtime
 from .config import PREFIX
 from .logs import never_raises
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, UPSTREAM_FAILED, FlowRecord, TaskRecord
@@ -519,7 +519,18 @@ def _record_supervised(rec: TaskRecord) -> None:
     runtime.flush()
 
 
-if not SKIPPED_AT_DAG_RUN_END:  # Airflow 3: the task runner has a supervisor
+@never_raises
+def _record_marked(ti: Any, status: str) -> None:
+    _record_marked_ti(ti, status)
+
+
+def _record_marked_dag_run(dag_run: Any, status: str) -> None:
+    _record_dag_run(dag_run, status, _MARKED)
+
+
+if SKIPPED_AT_DAG_RUN_END:  # Airflow 2 tells no listener of a state set by hand
+    airflow_marks.patch(_record_marked, _record_marked_dag_run)
+else:  # Airflow 3: the task runner has a supervisor
     airflow_supervisor.patch(_record_supervised)
 
 

@@ -2,9 +2,9 @@
 
 Airflow 3: api-server, scheduler (LocalExecutor) and dag-processor; the run is
 triggered and a state is set by hand through the REST API. Airflow 2.10: the
-scheduler alone (on sqlite it runs the SequentialExecutor; each try is still an
-`airflow tasks run` subprocess), triggered with the CLI; 2.10 calls no listener
-for a state set by hand, so that test is Airflow 3 only.
+scheduler (on sqlite it runs the SequentialExecutor; each try is still an
+`airflow tasks run` subprocess) and the webserver, whose REST API marks states;
+runs are triggered with the CLI.
 
 The task metrics come from the task-runner subprocesses, the DAG run's from the
 scheduler.
@@ -33,7 +33,9 @@ from gateway import Pushgateway, free_port, running, wait_until
 NS = "orchestrator"
 DAGS = os.path.join(os.path.dirname(__file__), "e2e_dags")
 AIRFLOW_2 = AIRFLOW_VERSION.startswith("2.")
-COMPONENTS = (["scheduler"],) if AIRFLOW_2 else (["api-server"], ["scheduler"], ["dag-processor"])
+COMPONENTS = ((["scheduler"], ["webserver"]) if AIRFLOW_2
+              else (["api-server"], ["scheduler"], ["dag-processor"]))
+API = "webserver" if AIRFLOW_2 else "api-server"  # the REST API's component
 
 
 class Deployment:
@@ -56,10 +58,6 @@ class Deployment:
 
     def task_instances(self, run_id: str, dag_id: str = "e2e") -> dict[str, dict[str, Any]]:
         """Airflow's own record of the run's task instances, by task id."""
-        if AIRFLOW_2:
-            p = self.cli("tasks", "states-for-dag-run", dag_id, run_id, "-o", "json")
-            assert p.returncode == 0, p.stderr[-3000:]
-            return {t["task_id"]: t for t in json.loads(p.stdout)}
         ti = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return {t["task_id"]: t for t in ti}
 
@@ -68,7 +66,8 @@ class Deployment:
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/api/v2{path}", method=method,
+            f"http://127.0.0.1:{self.port}/api/{'v1' if AIRFLOW_2 else 'v2'}{path}",
+            method=method,
             data=None if body is None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -87,8 +86,6 @@ class Deployment:
 
 def _dag_is_parsed(d: Deployment, dag_id: str) -> bool:
     d.check_alive()
-    if AIRFLOW_2:
-        return d.cli("dags", "details", dag_id).returncode == 0
     try:
         d.api("GET", f"/dags/{dag_id}")
         return True
@@ -117,6 +114,10 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         # the REST API without logging in, for the manual state change
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API__AUTH_BACKENDS": "airflow.api.auth.backend.default",  # (2.10)
+        "AIRFLOW__WEBSERVER__WEB_SERVER_HOST": "127.0.0.1",
+        "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(port),
+        "AIRFLOW__WEBSERVER__WORKERS": "1",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
@@ -134,6 +135,9 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
     else:
         env.update({"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
                     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"})
+    if AIRFLOW_2:  # its REST API, without logging in (Airflow 3: the env above)
+        with open(os.path.join(home, "webserver_config.py"), "w") as f:
+            f.write('AUTH_ROLE_PUBLIC = "Admin"\n')
     subprocess.run([os.path.join(bindir, "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)
     procs = []
@@ -197,57 +201,61 @@ def test_task_runners_and_scheduler_push(deployment: Deployment,
     assert deployment.task_states(run_id) == {"hello": "success", "broken": "failed"}
 
 
-# Airflow 2.10 calls no listener when a state is set by hand: nothing to test there.
-if not AIRFLOW_2:
-    def test_a_state_set_by_hand_is_the_last_status_and_not_counted(
-            deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
-        """The rule: what Airflow shows after a mark, the gateway shows, for the
-        DAG's newest run; a mark is not a run and is not counted."""
-        gw = gateway_for_deployment
-        older = _finished_run(deployment, gw)
-        run_id = _finished_run(deployment, gw)
-        wait_until(lambda: gw.counted("e2e")[1], timeout=30, interval=0.2, what="the counts")
-        counts = gw.counted("e2e")
-        hello = deployment.task_instances(run_id)["hello"]  # its task runner's success
-        # A mark in an older run is not reported: the newest run's outcome stands.
-        deployment.api("PATCH", f"/dags/e2e/dagRuns/{older}/taskInstances/hello",
-                       {"new_state": "failed"})
-        wait_until(lambda: "e2e.hello set to failed by hand in an older run"
-                   in deployment.log("api-server"), timeout=60, interval=0.2,
-                   what="the listener to see the older mark")
-        # The newest DAG run marked success. The API server's sender pushes its
-        # groups in the order they were recorded: once this push is at the
-        # gateway, one for the older mark would have been too.
-        deployment.api("PATCH", f"/dags/e2e/dagRuns/{run_id}", {"state": "success"})
-        wait_until(lambda: gw.group(job="airflow", flow="e2e").value(
-            f"{NS}_flow_last_status", status="success") == 1, timeout=30, interval=0.2,
-            what="the DAG run's mark at the gateway")
-        run = deployment.api("GET", f"/dags/e2e/dagRuns/{run_id}")
-        assert run["state"] == "success"
-        assert gw.group(job="airflow", flow="e2e").value(
-            f"{NS}_flow_last_completion_timestamp_seconds") == pytest.approx(
-            _airflow_time(run["end_date"]), abs=1e-3)
-        g = gw.group(job="airflow", flow="e2e", task="hello")
-        assert g.value(f"{NS}_task_last_status", status="success") == 1
-        assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == pytest.approx(
-            _airflow_time(hello["end_date"]), abs=10)  # (the runner's own clock)
-        # A task instance of the newest run marked failed.
-        deployment.api("PATCH", f"/dags/e2e/dagRuns/{run_id}/taskInstances/hello",
-                       {"new_state": "failed"})
-        wait_until(lambda: "e2e.hello set to failed by hand: now its last status"
-                   in deployment.log("api-server"), timeout=60, interval=0.2,
-                   what="the listener to see the mark")
-        hello = deployment.task_instances(run_id)["hello"]  # Airflow's own record
-        assert hello["state"] == "failed"
-        wait_until(lambda: gw.group(job="airflow", flow="e2e", task="hello").value(
-            f"{NS}_task_last_status", status="failed") == 1, timeout=30, interval=0.2,
-            what="the mark at the gateway")
-        g = gw.group(job="airflow", flow="e2e", task="hello")
-        assert g.value(f"{NS}_task_last_attempt") == hello["try_number"]
-        for name in ("completion", "failure"):
-            assert g.value(f"{NS}_task_last_{name}_timestamp_seconds") == pytest.approx(
-                _airflow_time(hello["end_date"]), abs=1e-3)
-        assert gw.counted("e2e") == counts  # nothing counted for any mark
+# Airflow 2.10's REST API only tries a task instance's mark unless told not to
+DRY_RUN = {"dry_run": False} if AIRFLOW_2 else {}
+
+
+def test_a_state_set_by_hand_is_the_last_status_and_not_counted(
+        deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
+    """The rule: what Airflow shows after a mark, the gateway shows, for the
+    DAG's newest run; a mark is not a run and is not counted. Airflow 3's API
+    server calls the listener; Airflow 2.10's webserver calls none, and its
+    marking functions are wrapped instead."""
+    gw = gateway_for_deployment
+    older = _finished_run(deployment, gw)
+    run_id = _finished_run(deployment, gw)
+    wait_until(lambda: gw.counted("e2e")[1], timeout=30, interval=0.2, what="the counts")
+    counts = gw.counted("e2e")
+    hello = deployment.task_instances(run_id)["hello"]  # its task runner's success
+    # A mark in an older run is not reported: the newest run's outcome stands.
+    deployment.api("PATCH", f"/dags/e2e/dagRuns/{older}/taskInstances/hello",
+                   {"new_state": "failed", **DRY_RUN})
+    wait_until(lambda: "e2e.hello set to failed by hand in an older run"
+               in deployment.log(API), timeout=60, interval=0.2,
+               what="the listener to see the older mark")
+    # The newest DAG run marked success. The API server's sender pushes its
+    # groups in the order they were recorded: once this push is at the
+    # gateway, one for the older mark would have been too.
+    deployment.api("PATCH", f"/dags/e2e/dagRuns/{run_id}", {"state": "success"})
+    wait_until(lambda: gw.group(job="airflow", flow="e2e").value(
+        f"{NS}_flow_last_status", status="success") == 1, timeout=30, interval=0.2,
+        what="the DAG run's mark at the gateway")
+    run = deployment.api("GET", f"/dags/e2e/dagRuns/{run_id}")
+    assert run["state"] == "success"
+    assert gw.group(job="airflow", flow="e2e").value(
+        f"{NS}_flow_last_completion_timestamp_seconds") == pytest.approx(
+        _airflow_time(run["end_date"]), abs=1e-3)
+    g = gw.group(job="airflow", flow="e2e", task="hello")
+    assert g.value(f"{NS}_task_last_status", status="success") == 1
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == pytest.approx(
+        _airflow_time(hello["end_date"]), abs=10)  # (the runner's own clock)
+    # A task instance of the newest run marked failed.
+    deployment.api("PATCH", f"/dags/e2e/dagRuns/{run_id}/taskInstances/hello",
+                   {"new_state": "failed", **DRY_RUN})
+    wait_until(lambda: "e2e.hello set to failed by hand: now its last status"
+               in deployment.log(API), timeout=60, interval=0.2,
+               what="the listener to see the mark")
+    hello = deployment.task_instances(run_id)["hello"]  # Airflow's own record
+    assert hello["state"] == "failed"
+    wait_until(lambda: gw.group(job="airflow", flow="e2e", task="hello").value(
+        f"{NS}_task_last_status", status="failed") == 1, timeout=30, interval=0.2,
+        what="the mark at the gateway")
+    g = gw.group(job="airflow", flow="e2e", task="hello")
+    assert g.value(f"{NS}_task_last_attempt") == hello["try_number"]
+    for name in ("completion", "failure"):
+        assert g.value(f"{NS}_task_last_{name}_timestamp_seconds") == pytest.approx(
+            _airflow_time(hello["end_date"]), abs=1e-3)
+    assert gw.counted("e2e") == counts  # nothing counted for any mark
 
 
 def _db_time(text: str) -> float:
@@ -338,6 +346,17 @@ def test_the_scheduler_pushes_its_liveness(deployment: Deployment,
     wait_until(lambda: (seen() or 0) > first, timeout=30, interval=0.5, what="a later heartbeat")
 
 
+def _trigger_wait(d: Deployment, gw: Pushgateway) -> tuple[float | None, str]:
+    """A run of e2e_wait whose task waits to be released (or killed): the last
+    completion of that DAG before it, and the run's id."""
+    release = d.env["E2E_RELEASE"]
+    for path in (release, release + ".pid"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    before = _completed(gw, "e2e_wait")
+    return before, d.trigger("e2e_wait")
+
+
 def _try_in_db(d: Deployment, run_id: str, n: int) -> tuple[str | None, float, float]:
     """Airflow's own record of try ``n`` of e2e_wait's task: (state, start, end).
     The last try is in task_instance; Airflow 3 keeps earlier ones in
@@ -376,11 +395,7 @@ def test_a_sigkilled_task_process_is_reported_by_the_process_that_fails_it(
     fails it. Either reports it: retry (attempt 1), then failed (attempt 2)."""
     gw = gateway_for_deployment
     release = deployment.env["E2E_RELEASE"]
-    for path in (release, release + ".pid"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-    before = _completed(gw, "e2e_wait")
-    run_id = deployment.trigger("e2e_wait")
+    before, run_id = _trigger_wait(deployment, gw)
     seen: list[tuple[float, float, float]] = []  # per try: start, completion, duration
     killed: list[int] = []
     for attempt, status in ((1, "retry"), (2, "failed")):
@@ -456,11 +471,7 @@ def test_a_try_whose_supervising_process_is_killed_is_reported_when_airflow_fail
     The second try is let finish: success, attempt 2."""
     gw = gateway_for_deployment
     release = deployment.env["E2E_RELEASE"]
-    for path in (release, release + ".pid"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-    before = _completed(gw, "e2e_wait")
-    run_id = deployment.trigger("e2e_wait")
+    before, run_id = _trigger_wait(deployment, gw)
     pid = int(wait_until(lambda: _read(release + ".pid"), timeout=240, interval=0.2,
                          what="the task process"))
     start = wait_until(lambda: (s := _started(gw)) is not None and s > (before or 0) and s,
