@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -100,6 +101,13 @@ def gateway_for_deployment() -> Iterator[Pushgateway]:
 
 @pytest.fixture(scope="module")
 def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
+    yield from _deploy(gateway_for_deployment.url, {},
+                       ("e2e", "e2e_wait", "e2e_counts", "e2e_sensor"))
+
+
+def _deploy(url: str, extra: dict[str, str], dag_ids: tuple[str, ...]) -> Iterator[Deployment]:
+    """Airflow's components pushing to ``url``, until the DAGs ``dag_ids`` are
+    parsed; stopped (with what they started) at the end."""
     home = tempfile.mkdtemp(prefix="op-airflow-e2e-")
     port = free_port()
     bindir = os.path.dirname(sys.executable)
@@ -122,7 +130,7 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
         "AIRFLOW__API__PORT": str(port),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-        "ORCHESTRATOR_PUSH_URL": gateway_for_deployment.url,
+        "ORCHESTRATOR_PUSH_URL": url,
         # the host's count store of this deployment only (never the user's own)
         "ORCHESTRATOR_PUSH_SPOOL_DIR": os.path.join(home, "spool"),
         "E2E_RELEASE": os.path.join(home, "release"),  # e2e_wait's task ends once it exists
@@ -135,6 +143,7 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
     else:
         env.update({"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
                     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2"})
+    env.update(extra)
     if AIRFLOW_2:  # its REST API, without logging in (Airflow 3: the env above)
         with open(os.path.join(home, "webserver_config.py"), "w") as f:
             f.write('AUTH_ROLE_PUBLIC = "Admin"\n')
@@ -148,7 +157,7 @@ def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
                                       start_new_session=True))
     d = Deployment(home, port, env, procs)
     try:
-        for dag_id in ("e2e", "e2e_wait", "e2e_counts", "e2e_sensor"):
+        for dag_id in dag_ids:
             wait_until(lambda: _dag_is_parsed(d, dag_id), timeout=240, interval=1,  # noqa: B023
                        what=f"DAG {dag_id} parsed")
         yield d
@@ -700,3 +709,45 @@ def test_counts_equal_airflows_record_of_every_try(deployment: Deployment,
     assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == \
         pytest.approx(_db_time(markers[-1][2]), abs=1e-3)
     assert g.value(f"{NS}_task_last_duration_seconds") == pytest.approx(0.0, abs=1e-3)
+
+
+# long beside Airflow's own exit time (up to ~5 s, more on a loaded machine), so
+# that one flush timeout and two cannot be mistaken for each other
+FLUSH_TIMEOUT = 20.0
+
+
+@pytest.fixture(scope="module")
+def blackholed() -> Iterator[Deployment]:
+    """A deployment whose gateway accepts connections and never answers."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(1024)  # the kernel completes the handshakes; nobody reads
+    try:
+        yield from _deploy(f"http://127.0.0.1:{hole.getsockname()[1]}",
+                           {"ORCHESTRATOR_PUSH_FLUSH_TIMEOUT": str(FLUSH_TIMEOUT)}, ("e2e_wait",))
+    finally:
+        hole.close()
+
+
+@pytest.mark.timeout(400)
+def test_a_gateway_that_never_answers_holds_a_task_process_one_flush_timeout(
+        blackholed: Deployment) -> None:
+    """The task's process, from its task's end to its exit: one flush timeout
+    (20 s here) and Airflow's own exit time, never two flush timeouts; what it
+    could not deliver is in the spool."""
+    d = blackholed
+    release = d.env["E2E_RELEASE"]
+    run_id = d.trigger("e2e_wait")
+    pid = int(wait_until(lambda: d.check_alive() or _read(release + ".pid"), timeout=240,
+                         interval=0.2, what="the task process"))
+    open(release, "w").close()
+    released = time.monotonic()
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=120, interval=0.05,
+               what="the task process to exit")
+    took = time.monotonic() - released
+    # (Airflow 3.3's task runners often take ~5 s to exit of their own)
+    assert FLUSH_TIMEOUT - 1 <= took < 1.5 * FLUSH_TIMEOUT, took
+    wait_until(lambda: d.task_instances(run_id, "e2e_wait")["wait"]["state"] == "success",
+               timeout=120, interval=0.5, what="Airflow's record of the success")
+    spool = os.path.join(d.home, "spool")
+    assert any(n.endswith(".spool") for n in os.listdir(spool)), os.listdir(spool)
