@@ -22,10 +22,11 @@ def _poke() -> bool:
     return os.path.exists(base + ".sensor")
 
 
-# poke_interval 15: Airflow 3.3's task runners often take ~5 s to exit after the
-# poke; with a shorter interval its scheduler can queue the next poke before it
-# reads the executor's "success" for the last one, and then fails the task
-# ("state changed externally").
+# poke_interval 30: Airflow 3.3's task runners often take ~5 s to exit after the
+# poke (more on a loaded machine); with an interval shorter than that its
+# scheduler can queue the next poke before it reads the executor's "success" for
+# the last one, and then fails the task ("state changed externally"; seen at 1
+# and 5 s).
 with DAG("e2e_sensor", start_date=datetime(2026, 1, 1), schedule=None, catchup=False) as dag:
-    PythonSensor(task_id="wait", python_callable=_poke, mode="reschedule", poke_interval=15,
+    PythonSensor(task_id="wait", python_callable=_poke, mode="reschedule", poke_interval=30,
                  timeout=600, execution_timeout=timedelta(seconds=30))
