@@ -7,11 +7,13 @@ events into records; the core delivers them (task runners flush before exit).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -128,16 +130,12 @@ def _first_poke(ti: Any) -> datetime | None:
         return first
     from airflow.models.taskreschedule import TaskReschedule
 
-    session, own = _session_of(ti)
-    try:
+    with _session_of(ti) as session:
         return session.scalar(  # type: ignore[no-any-return]
             TaskReschedule.stmt_for_task_instance(ti, descending=False)
             .with_only_columns(TaskReschedule.start_date)
             .limit(1)
         )
-    finally:
-        if own is not None:
-            own.close()
 
 
 @never_raises
@@ -249,14 +247,10 @@ def _newest_run(obj: Any) -> bool:
     from sqlalchemy import select
 
     order = getattr(DagRun, "run_after", None) or DagRun.execution_date
-    session, own = _session_of(obj)
-    try:
+    with _session_of(obj) as session:
         newest = session.execute(
             select(DagRun.run_id).where(DagRun.dag_id == obj.dag_id).order_by(order.desc()).limit(1)
         ).scalar()
-    finally:
-        if own is not None:
-            own.close()
     return newest is None or newest == obj.run_id
 
 
@@ -288,19 +282,24 @@ _COUNTED = {
 _EARLIER = {**_COUNTED, "failed": RETRY}
 
 
-def _session_of(obj: Any) -> tuple[Any, Any]:
+@contextlib.contextmanager
+def _session_of(obj: Any) -> Iterator[Any]:
     """The session ``obj`` (a DAG run or task instance) is in (never a new scoped
     one: closing Airflow 2's would detach the scheduler's objects), or one of
-    our own for a detached object (dag.test()): (session, what to close)."""
+    our own for a detached object (dag.test()), closed afterwards."""
     from sqlalchemy.orm import object_session
 
     session = object_session(obj)
     if session is not None:
-        return session, None
+        yield session
+        return
     from airflow import settings
 
     own = settings.Session.session_factory()
-    return own, own
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 #: What counting reads of a try: loading whole ORM task instances cost the
@@ -373,8 +372,7 @@ def _read_run(dag_run: Any) -> tuple[list[Any], list[TaskRecord]]:
     """The run's task instances in a final state, and their earlier tries, from
     Airflow's own record of them (its database), when the run ends: in the
     scheduler, every try is seen there, whether its process reported or died."""
-    session, own = _session_of(dag_run)
-    try:
+    with _session_of(dag_run) as session:
         tis = [
             ti
             for ti in _rows(
@@ -383,9 +381,6 @@ def _read_run(dag_run: Any) -> tuple[list[Any], list[TaskRecord]]:
             if _state(ti) in _COUNTED
         ]
         return tis, _earlier_tries(session, dag_run, tis)
-    finally:
-        if own is not None:
-            own.close()
 
 
 def _record_not_run(tis: list[Any]) -> None:
