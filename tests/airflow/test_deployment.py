@@ -750,4 +750,5 @@ def test_a_gateway_that_never_answers_holds_a_task_process_one_flush_timeout(
     wait_until(lambda: d.task_instances(run_id, "e2e_wait")["wait"]["state"] == "success",
                timeout=120, interval=0.5, what="Airflow's record of the success")
     spool = os.path.join(d.home, "spool")
-    assert any(n.endswith(".spool") for n in os.listdir(spool)), os.listdir(spool)
+    # (another process may hold it claimed for a replay, which puts it back)
+    assert any(".spool" in n for n in os.listdir(spool)), os.listdir(spool)
