@@ -87,6 +87,10 @@ def _row(
         "last_start_timestamp": g.started_at,
         "running_for_seconds": now - g.started_at if g.in_progress and g.started_at else None,
         "timeout_seconds": g.timeout,
+        "next_run_timestamp": g.next_run,
+        "schedule_grace_seconds": g.grace,
+        "ttl_seconds": g.ttl,
+        "expires_at": g.expires_at,
         **_counted(g, totals or {}),
     }
 
@@ -116,6 +120,12 @@ def _runs_cell(r: Mapping[str, Any]) -> str:
 
 def _ago(now: float, ts: float | None) -> str:
     return "-" if ts is None else format_age(now - ts) + " ago"
+
+
+def _due(now: float, ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return f"in {format_age(ts - now)}" if ts >= now else f"{format_age(now - ts)} overdue"
 
 
 def _seconds(d: float | None) -> str:
@@ -158,7 +168,9 @@ def status(
         "LAST FAILURE",
         "DURATION",
         "RUNS",
+        "NEXT RUN",
         "PUSHED",
+        "EXPIRES",
         "OTHER LABELS",
         "NOTES",
     ]
@@ -178,7 +190,9 @@ def status(
                 _ago(now, r["last_failure_timestamp"]),
                 _seconds(r["duration_seconds"]),
                 _runs_cell(r),
+                _due(now, r["next_run_timestamp"]),
                 _ago(now, r["push_time"]),
+                _due(now, r["expires_at"]).replace(" overdue", " ago"),
                 _describe(other) or "-",
                 ", ".join(r["notes"]) or "-",
             ]
@@ -216,12 +230,14 @@ def gc(
     config: Config,
     out: IO[str],
     *,
-    older_than: float,
+    older_than: float | None = None,
     job: str | None = None,
     dry_run: bool = False,
     now: float | None = None,
 ) -> int:
-    """Delete the groups whose last push is older than ``older_than`` seconds."""
+    """Delete the groups whose last push is older than ``older_than`` seconds,
+    or (None) than the TTL each group declares; a group that declares none is
+    kept then."""
     now = time.time() if now is None else now
     try:
         groups = _read(config, job)
@@ -229,11 +245,21 @@ def gc(
         return _unreachable(config, exc)
     # A group without push_time was never pushed by a client (it cannot be
     # aged): never a candidate.
-    old = [g for g in groups if g.push_time is not None and now - g.push_time > older_than]
+    if older_than is None:
+        old = [g for g in groups if g.expires_at is not None and now > g.expires_at]
+        undeclared = sum(g.ttl is None for g in groups)
+        if undeclared:
+            out.write(
+                f"kept {undeclared} group(s) that declare no TTL "
+                "(another tool's, or older; --older-than DURATION ages them)\n"
+            )
+    else:
+        old = [g for g in groups if g.push_time is not None and now - g.push_time > older_than]
     if not old:
+        limit = "their TTL" if older_than is None else format_age(older_than)
         out.write(
             f"nothing to delete: no group{' of job ' + repr(job) if job else ''} "
-            f"last pushed more than {format_age(older_than)} ago\n"
+            f"last pushed more than {limit} ago\n"
         )
         return 0
     failed = 0
@@ -241,6 +267,8 @@ def gc(
     try:
         for g in old:
             age = format_age(now - (g.push_time or now))
+            if older_than is None and g.ttl is not None:
+                age += f", TTL {format_age(g.ttl)}"
             if dry_run:
                 out.write(f"would delete {_describe(dict(g.key()))} (last push {age} ago)\n")
                 continue

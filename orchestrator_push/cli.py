@@ -9,12 +9,14 @@ import sys
 from collections.abc import Sequence
 
 from .config import Config, ConfigError, load_config
+from .durations import parse_duration
 from .execute import run_and_report
-from .groups import parse_duration
 
 EXAMPLES = """\
 examples:
   orchestrator-push exec --job nightly-backup -- /usr/local/bin/backup.sh --full
+  # crontab: say when the next run is due, so a missed night raises an alert
+  30 2 * * *  orchestrator-push exec --job backup --schedule '30 2 * * *' --grace 15m -- backup.sh
   ORCHESTRATOR_PUSH_URL=http://pushgateway:9091 \\
     orchestrator-push exec --job etl --flow sales --task load -- python load.py
 
@@ -42,10 +44,10 @@ examples:
 GC_EXAMPLES = (
     """\
 examples:
-  orchestrator-push gc --older-than 7d --dry-run
+  orchestrator-push gc --dry-run
   orchestrator-push gc --older-than 12h --job ci
-  # crontab: every night, forget what has not been pushed for two weeks
-  15 3 * * *  ORCHESTRATOR_PUSH_URL=http://pushgateway:9091 orchestrator-push gc --older-than 14d
+  # crontab: every night, delete the groups older than the TTL each declares
+  15 3 * * *  ORCHESTRATOR_PUSH_URL=http://pushgateway:9091 orchestrator-push gc
 """
     + ADMIN_EXIT
 )
@@ -104,6 +106,32 @@ def _parser() -> argparse.ArgumentParser:
         help="stop the command after DURATION (90s, 10m, 2h) like coreutils timeout: SIGTERM, "
         "SIGKILL 10 s later if it is still running; exit code 124; pushed as the task's time limit",
     )
+    when = ex.add_mutually_exclusive_group()
+    when.add_argument(
+        "--schedule",
+        metavar="CRON",
+        help="the cron line that starts this command, e.g. '30 2 * * *': pushes when the "
+        "next run is due and how late this one started, so a missed run raises an alert",
+    )
+    when.add_argument(
+        "--every",
+        type=_duration,
+        metavar="DURATION",
+        help="the command runs again DURATION after it ends (a loop, a systemd timer with "
+        "OnUnitInactiveSec): pushes when the next run is due",
+    )
+    ex.add_argument(
+        "--tz",
+        metavar="ZONE",
+        help="time zone of --schedule, e.g. Europe/Berlin (default: the machine's, as cron)",
+    )
+    ex.add_argument(
+        "--grace",
+        type=_duration,
+        metavar="DURATION",
+        help="how late a scheduled run may start before it counts as late or missed "
+        "(default: 5m, or one period if shorter)",
+    )
     ex.add_argument("-v", "--verbose", action="store_true", help="log delivery details to stderr")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
 
@@ -140,16 +168,16 @@ def _parser() -> argparse.ArgumentParser:
     g = admin_parser(
         "gc",
         "delete the groups not pushed for a while",
-        "Delete the groups whose last push is older than DURATION: the expiry the "
+        "Delete the groups whose last push is older than the TTL each declares "
+        "(orchestrator_push_group_ttl_seconds), or than --older-than: the expiry the "
         "Pushgateway lacks. Safe from cron: it only deletes groups it matched.",
         GC_EXAMPLES,
     )
     g.add_argument(
         "--older-than",
-        required=True,
         type=_duration,
         metavar="DURATION",
-        help="e.g. 7d, 12h, 1h30m, 90s",
+        help="instead of each group's TTL, this age for every group, e.g. 7d, 12h, 1h30m, 90s",
     )
     g.add_argument("--job", help="only this job's groups")
     g.add_argument("--dry-run", action="store_true", help="print what would be deleted")
@@ -215,10 +243,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = cmd[1:]
         if not cmd:
             parser.error("exec needs a command after --")
+        if args.tz is not None and args.schedule is None:
+            parser.error("--tz needs --schedule")
+        if args.grace is not None and args.schedule is None and args.every is None:
+            parser.error("--grace needs --schedule or --every")
+        schedule = None
+        if args.schedule is not None:
+            from .schedules import parse_cron
+
+            try:
+                schedule = parse_cron(args.schedule, args.tz)
+            except ValueError as exc:
+                parser.error(f"--schedule/--tz: {exc}")
         _quiet_library_logs(args.verbose)
         try:
             return run_and_report(
-                cmd, job=args.job, flow=args.flow or args.job, task=args.task, timeout=args.timeout
+                cmd,
+                job=args.job,
+                flow=args.flow or args.job,
+                task=args.task,
+                timeout=args.timeout,
+                schedule=schedule,
+                every=args.every,
+                grace=args.grace,
             )
         except ConfigError as exc:
             print(f"orchestrator-push: invalid configuration: {exc}", file=sys.stderr)

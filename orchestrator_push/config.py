@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .durations import parse_duration
 from .spool import default_dir as default_spool_dir
 
 PREFIX = "ORCHESTRATOR_PUSH_"
@@ -88,6 +89,9 @@ class Config:
     #: Where undeliverable records wait for the next process; None: no spool.
     spool_dir: str | None = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 64 * 1024 * 1024
+    #: Seconds after its last push that ``orchestrator-push gc`` may delete a
+    #: group; None: 7 days, or more for a schedule with long intervals.
+    group_ttl: float | None = None
 
     def job_for(self, framework: str) -> str:
         return self.job if self.job is not None else framework
@@ -220,6 +224,16 @@ def _namespace(var: str, raw: object) -> str:
     return text
 
 
+def _seconds(var: str, raw: object) -> float:
+    """A positive number of seconds, or a duration like ``7d`` or ``12h``."""
+    if isinstance(raw, str) and raw.strip() and raw.strip()[-1].isalpha():
+        try:
+            return parse_duration(raw)
+        except ValueError as exc:
+            raise ConfigError(var, str(exc)) from None
+    return _positive(var, raw)
+
+
 def _optional_text(var: str, raw: object) -> str | None:
     return None if raw is None else _text(var, raw).strip()
 
@@ -232,6 +246,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "TIMEOUT": _positive,
     "FLUSH_TIMEOUT": _positive,
     "SPOOL_DIR": _spool_dir,
+    "GROUP_TTL": lambda var, raw: None if raw is None else _seconds(var, raw),
     "MAX_GROUPS": lambda var, raw: int(_positive(var, raw, int)),
     "SPOOL_MAX_BYTES": lambda var, raw: int(_positive(var, raw, int)),
     "ENABLED": _bool,
@@ -340,8 +355,10 @@ def _check(c: Config) -> None:
         raise ConfigError(
             PREFIX + "NAMESPACE", f"{c.namespace!r} is not a valid metric name prefix"
         )
-    for n in ("interval", "timeout", "flush_timeout", "max_groups", "spool_max_bytes"):
+    for n in ("interval", "timeout", "flush_timeout", "max_groups", "spool_max_bytes", "group_ttl"):
         value = getattr(c, n)
+        if n == "group_ttl" and value is None:
+            continue
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(PREFIX + n.upper(), f"must be greater than 0, got {value!r}")
     for name, value in c.labels.items():

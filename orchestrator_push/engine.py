@@ -30,7 +30,7 @@ from .replayer import Replayer
 from .schema import GroupKey, GroupKind, Running
 from .sender import Sender
 from .spool import Entry, Spool, SpoolFull
-from .table import Node, Snapshot, Table
+from .table import DEFAULT_TTL, Node, Snapshot, Table
 from .transport import HttpTransport, Transport
 
 #: How often a sender that reaches the gateway looks at the spool.
@@ -83,7 +83,7 @@ class Engine:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
-        self._table = Table(c.job, c.labels, c.max_groups)
+        self._table = Table(c.job, c.labels, c.max_groups, c.group_ttl)
         self._ledger = Ledger()
         self._spool = Spool(c.spool_dir, c.spool_max_bytes) if c.spool_dir else None
         self._replayer = (
@@ -212,6 +212,35 @@ class Engine:
                 self._after_record(ok)  # the uncommon cases, out of the common path
         except Exception:
             warn_limited("start", "orchestrator_push: could not record a start")
+
+    def record_schedule(
+        self,
+        framework: str,
+        flow: str,
+        task: str | None = None,
+        *,
+        next_run: float | Mapping[str, float] | None,
+        grace: float,
+        interval: float | None = None,
+        delay: float | None = None,
+    ) -> None:
+        """The next scheduled run of ``task`` (or of ``flow`` when ``task`` is
+        None) is due at ``next_run`` (unix time), or, given a mapping, each
+        schedule entry's (Celery beat: entry name -> due time); it may start up
+        to ``grace`` seconds late. None: it is not scheduled now (paused,
+        removed) and its schedule series are removed from the gateway.
+        ``interval``, the schedule's period, keeps the group alive for a few of
+        them (``orchestrator_push_group_ttl_seconds``); ``delay``: how late the
+        run starting now started after its tick. Pushed within one interval;
+        call it when the schedule changes, not on every run. Never raises."""
+        try:
+            if not self.config.enabled or self._closed:
+                return
+            with self._lock:
+                ok = self._table.schedule(framework, flow, task, next_run, grace, interval, delay)
+            self._after_record(ok)
+        except Exception:
+            warn_limited("schedule", "orchestrator_push: could not record a schedule")
 
     def register_node(
         self,
@@ -360,7 +389,10 @@ class Engine:
             h = self._hosts.get(job)
             if h is None:
                 h = self._hosts[job] = HostCounts(
-                    self.config.spool_dir or "", host_counts.group_key(job, self.config.labels)
+                    self.config.spool_dir or "",
+                    host_counts.group_key(job, self.config.labels),
+                    framework,
+                    self.config.group_ttl or DEFAULT_TTL,
                 )
             return h
 

@@ -13,6 +13,7 @@ from types import FrameType
 from .config import load_config
 from .engine import Engine
 from .records import FAILED, SUCCESS, TaskRecord
+from .schedules import Cron, default_grace
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 CANNOT_START = 127
@@ -27,16 +28,38 @@ def exit_code(returncode: int) -> int:
 
 
 def run_and_report(
-    cmd: Sequence[str], *, job: str, flow: str, task: str, timeout: float | None = None
+    cmd: Sequence[str],
+    *,
+    job: str,
+    flow: str,
+    task: str,
+    timeout: float | None = None,
+    schedule: Cron | None = None,
+    every: float | None = None,
+    grace: float | None = None,
 ) -> int:
+    """Run ``cmd`` and push its outcome. ``schedule`` (a cron line) or ``every``
+    (seconds from one run's end to the next's start): when the next run is
+    due, pushed at the start (cron) or at the end (every), with ``grace``."""
     config = load_config(job=job)  # raises ConfigError before the command runs
     engine = Engine(config)
     engine.start()  # earlier runs' spool is replayed while the command runs
     started_wall, started = time.time(), time.monotonic()
     # at the gateway within one push interval, so a run that never ends is seen
     engine.record_start("exec", flow, task, at=started_wall, timeout=timeout)
+    if schedule is not None:
+        _record_tick(engine, schedule, flow, task, started_wall, grace)
     code = _run(cmd, timeout)
     duration = time.monotonic() - started
+    if every is not None:
+        engine.record_schedule(
+            "exec",
+            flow,
+            task,
+            next_run=started_wall + duration + every,
+            grace=default_grace(every) if grace is None else grace,
+            interval=every,
+        )
     rec = TaskRecord(
         framework="exec",
         flow=flow,
@@ -70,6 +93,26 @@ def run_and_report(
             file=sys.stderr,
         )
     return code
+
+
+def _record_tick(
+    engine: Engine, cron: Cron, flow: str, task: str, started: float, grace: float | None
+) -> None:
+    """This run's lateness against its tick, and the next tick."""
+    try:
+        tick, due, period = cron.at_or_before(started), cron.after(started), cron.period(started)
+    except Exception:  # a bug in a date library must not stop the command
+        print("orchestrator-push: warning: cannot compute the schedule's ticks", file=sys.stderr)
+        return
+    engine.record_schedule(
+        "exec",
+        flow,
+        task,
+        next_run=due,
+        grace=default_grace(period) if grace is None else grace,
+        interval=period,
+        delay=started - tick,
+    )
 
 
 def _run(cmd: Sequence[str], timeout: float | None = None) -> int:

@@ -8,12 +8,12 @@ Reads ``/api/v1/metrics`` (the gateway's JSON view of every group) and
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema
+from .durations import parse_duration as parse_duration  # re-exported
 from .transport import Outcome, Reason, Transport
 
 
@@ -48,6 +48,9 @@ class GroupInfo:
     failure_at: float | None = None
     started_at: float | None = None  # the last attempt's (run's) start
     timeout: float | None = None
+    next_run: float | None = None  # the earliest, when schedule entries are several
+    grace: float | None = None
+    ttl: float | None = None  # the expiry its client declared
     metric_names: list[str] = field(default_factory=list)
     #: A counters group's counts: (framework, flow, task, status) -> runs, where
     #: ``task`` is None for a flow run's.
@@ -59,6 +62,14 @@ class GroupInfo:
         return self.started_at is not None and (
             self.completed_at is None or self.started_at > self.completed_at
         )
+
+    @property
+    def expires_at(self) -> float | None:
+        """When ``orchestrator-push gc`` may delete it: its last push plus its
+        declared TTL; None when it declares none (gc by TTL keeps it)."""
+        if self.push_time is None or self.ttl is None:
+            return None
+        return self.push_time + self.ttl
 
     @property
     def job(self) -> str:
@@ -79,6 +90,11 @@ def _number(family: Mapping[str, Any] | None) -> float | None:
     return None
 
 
+def _earliest(family: Mapping[str, Any] | None) -> float | None:
+    values = [float(m["value"]) for m in (family or {}).get("metrics", []) if "value" in m]
+    return min(values) if values else None
+
+
 def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[GroupInfo]:
     """``/api/v1/metrics`` ``data`` into :class:`GroupInfo` (pure, for tests)."""
     out = []
@@ -89,16 +105,20 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
         )
         g.push_time = _number(entry.get("push_time_seconds")) or None
         g.push_failure_time = _number(entry.get("push_failure_time_seconds")) or None
+        g.ttl = _number(entry.get(f"{namespace}_push_group_ttl_seconds"))
         for kind in ("task", "flow"):
             status_family = entry.get(f"{namespace}_{kind}_last_status")
             start_family = entry.get(f"{namespace}_{kind}_last_start_timestamp_seconds")
-            if not status_family and not start_family:
+            due_family = entry.get(f"{namespace}_{kind}_next_run_timestamp_seconds")
+            if not status_family and not start_family and not due_family:
                 continue
             g.kind = kind
             g.started_at = _number(start_family)
+            g.next_run = _earliest(due_family)
+            g.grace = _number(entry.get(f"{namespace}_{kind}_schedule_grace_seconds"))
             g.timeout = _number(entry.get(f"{namespace}_{kind}_timeout_seconds"))
-            if g.framework is None and start_family:
-                for m in start_family.get("metrics", []):
+            for family in (start_family, due_family):
+                for m in (family or {}).get("metrics", []) if g.framework is None else []:
                     g.framework = m.get("labels", {}).get("framework")
             for m in (status_family or {}).get("metrics", []):
                 g.framework = m.get("labels", {}).get("framework", g.framework)
@@ -172,24 +192,6 @@ def gateway_info(transport: Transport) -> dict[str, Any]:
 def delete_group(transport: Transport, key: schema.GroupKey) -> Outcome:
     """Delete exactly the group with this grouping key (``job`` first)."""
     return transport.request("DELETE", schema.group_path(key))
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(w|d|h|m|s)")
-_UNIT = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
-
-
-def parse_duration(text: str) -> float:
-    """``7d``, ``12h``, ``1h30m``, ``90s``, ``2w`` -> seconds; ValueError otherwise."""
-    s = text.strip().lower()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if not s or pos != len(s) or total <= 0:
-        raise ValueError(f"{text!r} is not a duration like 7d, 12h, 1h30m or 90s")
-    return total
 
 
 def format_age(seconds: float | None) -> str:

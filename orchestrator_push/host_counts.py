@@ -74,8 +74,13 @@ class HostCounts:
     """This process's counts for one host group, until :meth:`deliver` hands
     them to the host's store."""
 
-    def __init__(self, directory: str, key: schema.GroupKey) -> None:
+    def __init__(
+        self, directory: str, key: schema.GroupKey, framework: str = "", ttl: float = 0.0
+    ) -> None:
+        """``framework`` and ``ttl`` (when above 0): the group's declared expiry."""
         self.key = key
+        self._framework = framework
+        self._ttl = ttl
         self.path = schema.group_path(key)
         self._dir = os.path.join(directory, "counts")
         self._name = hashlib.sha256(self.path.encode()).hexdigest()[:24]
@@ -162,7 +167,10 @@ class HostCounts:
             for name in merged:  # in the store now
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self._dir, name))
-            outcome = transport.request("PUT", self.path, schema.encode(totals.families(ns)))
+            families = totals.families(ns)
+            if self._ttl > 0:
+                families.append(schema.ttl_family(ns, self._framework, self._ttl))
+            outcome = transport.request("PUT", self.path, schema.encode(families))
             if outcome.ok:
                 ledger.pushed()
                 return True

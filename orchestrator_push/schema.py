@@ -97,7 +97,15 @@ _HELP = {
     "task_oldest_running_start_timestamp_seconds": (
         "Unix time the oldest attempt in progress on this worker started."
     ),
+    "task_next_run_timestamp_seconds": "Unix time the next scheduled run of the task is due.",
+    "flow_next_run_timestamp_seconds": "Unix time the next scheduled run of the flow is due.",
+    "task_schedule_grace_seconds": "How late a scheduled run of the task may start.",
+    "flow_schedule_grace_seconds": "How late a scheduled run of the flow may start.",
+    "push_group_ttl_seconds": "Seconds after its last push that this group may be deleted.",
 }
+
+#: The families a schedule sets, by kind.
+SCHEDULE_SUFFIXES = ("next_run_timestamp_seconds", "schedule_grace_seconds")
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.~-]+$")
 
@@ -230,6 +238,77 @@ def start_families(
         )
         fams.append(_gauge(ns, name, waited, framework))
     return fams
+
+
+def schedule_families(
+    ns: str,
+    kind: str,
+    framework: str,
+    next_run: float | Mapping[str, float],
+    grace: float,
+    delay: float | None = None,
+) -> list[Metric]:
+    """When the next scheduled run (``kind`` "task" or "flow") is due, and how
+    late it may start. A mapping is one series per schedule entry (label
+    ``schedule``: Celery beat's entry names), grace included. ``delay``: how
+    late the run that started now started after its tick (exec, whose task
+    group is its only one)."""
+    names = [f"{ns}_{kind}_{suffix}" for suffix in SCHEDULE_SUFFIXES]
+    helps = [_HELP[f"{kind}_{suffix}"] for suffix in SCHEDULE_SUFFIXES]
+    late_start = []
+    if delay is not None and 0.0 <= delay < _INF:
+        late_start = [_gauge(ns, "flow_last_start_delay_seconds", delay, framework)]
+    if not isinstance(next_run, Mapping):
+        return [
+            _gauge(ns, f"{kind}_next_run_timestamp_seconds", next_run, framework),
+            _gauge(ns, f"{kind}_schedule_grace_seconds", grace, framework),
+            *late_start,
+        ]
+    labels = ["framework", "schedule"]
+    due = GaugeMetricFamily(names[0], helps[0], labels=labels)
+    late = GaugeMetricFamily(names[1], helps[1], labels=labels)
+    for entry, at in sorted(next_run.items()):
+        due.add_metric([framework, clean_value(entry)], at)
+        late.add_metric([framework, clean_value(entry)], grace)
+    return [due, late, *late_start]
+
+
+def ttl_family(ns: str, framework: str, ttl: float) -> Metric:
+    """The group's expiry, declared by its client (``orchestrator-push gc``)."""
+    return _gauge(ns, "push_group_ttl_seconds", ttl, framework)
+
+
+#: The Pushgateway's content type for length-delimited protobuf MetricFamily messages.
+PROTOBUF = (
+    "application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited"
+)
+
+
+def removal(ns: str, kind: str) -> bytes:
+    """A push body that removes a group's next-run series (a paused or removed
+    schedule; its grace stays, the mark of a flow that has a schedule): the
+    family sent with no sample, which only the protobuf format can say (the
+    text parser drops an empty family). POSTed, it replaces the family at the
+    gateway, which exposes a family with no sample as nothing. The message is
+    one length-delimited MetricFamily {1: name, 2: help, 3: type GAUGE}."""
+    suffix = f"{kind}_next_run_timestamp_seconds"
+    msg = _pb_text(1, f"{ns}_{suffix}") + _pb_text(2, _HELP[suffix])
+    msg += b"\x18\x01"  # field 3 (type), varint 1 (GAUGE)
+    return _varint(len(msg)) + msg
+
+
+def _pb_text(field_number: int, text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return bytes([field_number << 3 | 2]) + _varint(len(raw)) + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def task_families(ns: str, rec: TaskRecord) -> list[Metric]:

@@ -24,7 +24,7 @@ from .config import Config
 from .ledger import Ledger, Loss, Stats
 from .logs import warn_limited
 from .schema import GroupKind
-from .table import Group, Snapshot, Table
+from .table import REMOVED, Group, Snapshot, Table
 from .transport import Outcome, Transport
 
 MIN_BACKOFF = 0.25
@@ -173,7 +173,11 @@ class Sender:
             # A counters group carries its whole state, so PUT also removes series
             # that ended (the oldest start of a task no longer in progress).
             method = "PUT" if snap.group.kind is GroupKind.COUNTERS else "POST"
-            self._settle(snap, transport.request(method, snap.group.path, body))
+            outcome = transport.request(method, snap.group.path, body)
+            if outcome.ok and snap.schedule is REMOVED:
+                removal = schema.removal(ns, snap.group.kind.value)
+                outcome = transport.request("POST", snap.group.path, removal, schema.PROTOBUF)
+            self._settle(snap, outcome)
 
     def _due(self, g: Group, now: float) -> bool:
         backoff = self._retry_at.get(g)

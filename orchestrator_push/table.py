@@ -32,6 +32,27 @@ _NEVER = float("-inf")
 #: How many task names a worker's ``tasks_running`` keeps sending as 0 once seen.
 MAX_KNOWN_TASKS = 1000
 
+#: A group's expiry when neither the configuration nor a schedule says (7 days).
+DEFAULT_TTL = 7 * 86400.0
+#: A scheduled group lives at least this many of its schedule's intervals.
+TTL_INTERVALS = 3
+
+
+class Removed:
+    """A schedule that was paused or removed: its series go from the gateway."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "REMOVED"
+
+
+REMOVED = Removed()
+#: What a group's next push says of its schedule: when the next run (or, by
+#: entry name, each one) is due, the grace, and how late this run started
+#: (None: not known); REMOVED; or None, nothing.
+Schedule = tuple[float | Mapping[str, float], float, float | None] | Removed | None
+
 
 @dataclass
 class Node:
@@ -99,14 +120,18 @@ class Group:
         "node",
         "path",
         "pending",
+        "schedule",
         "seq",
         "started",
         "success_at",
         "timeout",
+        "ttl",
         "waited",
     )
 
-    def __init__(self, kind: GroupKind, key: GroupKey, framework: str) -> None:
+    def __init__(
+        self, kind: GroupKind, key: GroupKey, framework: str, ttl: float = DEFAULT_TTL
+    ) -> None:
         self.kind = kind
         self.key = key
         self.path = schema.group_path(key)
@@ -126,6 +151,8 @@ class Group:
         self.timeout: float | None = None
         self.waited: float | None = None  # ready (or due) to start, in seconds
         self.newest_start = _NEVER
+        self.schedule: Schedule = None  # not yet sent
+        self.ttl = ttl
         self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
         self.node: Node | None = None  # counters groups of long-lived processes
         self.pending = 0  # records folded in and not yet committed
@@ -169,11 +196,12 @@ class Group:
         self.pending += e.records
 
     def families(self, ns: str) -> list[Metric]:
+        ttl = schema.ttl_family(ns, self.framework, self.ttl)
         if self.counts is not None:
             fams = self.counts.families(ns)
             if self.node is not None:
                 fams += self.node.families(ns, self.framework, self.counts.tasks())
-            return fams
+            return [*fams, ttl]
         fams = schema.last_run_families(
             ns, self.kind.value, self.framework, self.last, self.success_at, self.failure_at
         )
@@ -181,6 +209,9 @@ class Group:
             fams += schema.start_families(
                 ns, self.kind.value, self.framework, self.started, self.timeout, self.waited
             )
+        if isinstance(self.schedule, tuple):
+            fams += schema.schedule_families(ns, self.kind.value, self.framework, *self.schedule)
+        fams.append(ttl)
         return fams
 
     def entry(self, ns: str) -> Entry:
@@ -212,6 +243,7 @@ class Snapshot:
     success_at: float | None
     failure_at: float | None
     started: float | None = None
+    schedule: Schedule = None
 
     def entry(self, ns: str) -> Entry:
         """The spool's copy of what this snapshot carries."""
@@ -227,10 +259,19 @@ class Table:
     can be evicted, :meth:`fold_task` / :meth:`fold_flow` return False.
     """
 
-    def __init__(self, job: str | None, static: Mapping[str, str], max_groups: int) -> None:
+    def __init__(
+        self,
+        job: str | None,
+        static: Mapping[str, str],
+        max_groups: int,
+        ttl: float | None = None,
+    ) -> None:
+        """``ttl``: every group's expiry; None: :data:`DEFAULT_TTL`, longer for
+        a group whose schedule's intervals are long (:meth:`schedule`)."""
         self._job = job
         self._static = tuple(sorted(static.items()))
         self.max_groups = max_groups
+        self._ttl = ttl
         self._groups: dict[GroupKey, Group] = {}
         self._index: dict[tuple[object, ...], Group] = {}
         self._dirty: dict[Group, None] = {}  # insertion-ordered set
@@ -300,6 +341,33 @@ class Table:
         if g not in self._dirty:
             g.first_pending = seq
             self._dirty[g] = None
+        return True
+
+    def schedule(
+        self,
+        framework: str,
+        flow: str,
+        task: str | None,
+        next_run: float | Mapping[str, float] | None,
+        grace: float,
+        interval: float | None = None,
+        delay: float | None = None,
+    ) -> bool:
+        """The next scheduled run of ``task`` (or, with None, of ``flow``) is due
+        at ``next_run`` (by entry name, for several entries); None: it has no
+        schedule now (paused, removed), and its schedule series go. ``interval``:
+        the schedule's period, which makes the group live longer than
+        :data:`TTL_INTERVALS` of them; ``delay``: how late the run that starts
+        now started after its tick. Not a record (not counted, not spooled)."""
+        g = self._index.get((framework, flow, task) if task is not None else (framework, flow))
+        if g is None:
+            g = self._lookup_names(framework, flow, task)
+            if g is None:
+                return False
+        g.schedule = REMOVED if next_run is None else (next_run, grace, delay)
+        if self._ttl is None and interval is not None:
+            g.ttl = max(DEFAULT_TTL, TTL_INTERVALS * interval + grace)
+        self._mark(g)
         return True
 
     def _touch(self, g: Group) -> None:
@@ -375,7 +443,8 @@ class Table:
         if g is None:
             if len(self._groups) >= self.max_groups and not self._evict():
                 return None
-            g = self._groups[key] = Group(kind, key, framework)
+            ttl = DEFAULT_TTL if self._ttl is None else self._ttl
+            g = self._groups[key] = Group(kind, key, framework, ttl)
         g.aliases.append(alias)
         self._index[alias] = g
         return g
@@ -402,7 +471,15 @@ class Table:
 
     def snapshot(self, g: Group, ns: str) -> Snapshot:
         return Snapshot(
-            g, g.families(ns), g.seq, g.pending, g.last, g.success_at, g.failure_at, g.started
+            g,
+            g.families(ns),
+            g.seq,
+            g.pending,
+            g.last,
+            g.success_at,
+            g.failure_at,
+            g.started,
+            g.schedule,
         )
 
     def commit(self, snap: Snapshot) -> None:
@@ -417,6 +494,8 @@ class Table:
             g.failure_at = None
         if g.started == snap.started:
             g.started = None
+        if g.schedule is snap.schedule:
+            g.schedule = None
         g.pending = max(g.pending - snap.pending, 0)
         # Anything folded or marked during the push (a record, a start, a node's
         # shutdown) is still due.

@@ -69,7 +69,9 @@ class Outcome:
 class Transport(Protocol):
     """What the sender, the replayer and the admin commands need of the network."""
 
-    def request(self, method: str, path: str, body: bytes = b"") -> Outcome: ...
+    def request(
+        self, method: str, path: str, body: bytes = b"", content_type: str | None = None
+    ) -> Outcome: ...
 
     def fetch(
         self, method: str, path: str, body: bytes = b"", read_timeout: float | None = None
@@ -114,21 +116,32 @@ class HttpTransport:
     def __repr__(self) -> str:
         return f"HttpTransport({self._base!r})"
 
-    def request(self, method: str, path: str, body: bytes = b"") -> Outcome:
-        return self.fetch(method, path, body)[0]
+    def request(
+        self, method: str, path: str, body: bytes = b"", content_type: str | None = None
+    ) -> Outcome:
+        """``content_type``: the body's, when it is not the text format."""
+        return self.fetch(method, path, body, content_type=content_type)[0]
 
     def fetch(
-        self, method: str, path: str, body: bytes = b"", read_timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        read_timeout: float | None = None,
+        content_type: str | None = None,
     ) -> tuple[Outcome, bytes]:
         """One request; the answer's body too (empty unless it succeeded).
         ``read_timeout`` overrides the configured one (reading every group of a
         big gateway takes longer than one push)."""
+        headers = self._headers
+        if content_type is not None:
+            headers = {**headers, "Content-Type": content_type}
         try:
             resp = self._pool.request(
                 method,
                 self._base + path,
                 body=body or None,
-                headers=self._headers,
+                headers=headers,
                 redirect=False,
                 preload_content=True,
                 timeout=self._timeout

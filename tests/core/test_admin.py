@@ -151,7 +151,7 @@ def test_delete_exactly_one_group(pushgateway: Pushgateway,
 
 
 def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["gc", "--older-than", "7x"], ["gc"], ["delete", "--job", "j", "--label", "x"],
+    for argv in (["gc", "--older-than", "7x"], ["gc", "--older-than"], ["delete", "--job", "j", "--label", "x"],
                  ["status", "--stale", "soon"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
