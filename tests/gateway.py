@@ -255,6 +255,23 @@ scrape_configs:
 """
 
 
+def wait_ready(proc: subprocess.Popen[bytes], log: str, url: str, name: str,
+               timeout: float) -> None:
+    """Until ``url``/-/ready answers 200 (Prometheus, Alertmanager); the log's
+    end in the error if the process exits first."""
+    def ready() -> bool:
+        if proc.poll() is not None:
+            with open(log, "rb") as f:
+                raise RuntimeError(f"{name} exited: {f.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/-/ready", timeout=2) as r:
+                return r.status == 200  # type: ignore[no-any-return]
+        except OSError:
+            return False
+
+    wait_until(ready, timeout, interval=0.1, what=f"{name} /-/ready")
+
+
 class Prometheus:
     """A real ``prometheus`` on a free 127.0.0.1 port scraping one Pushgateway."""
 
@@ -279,18 +296,8 @@ class Prometheus:
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
 
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                with open(self.log.name, "rb") as f:
-                    raise RuntimeError(f"prometheus exited: {f.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
         try:
-            wait_until(ready, 60, interval=0.1, what="prometheus /-/ready")
+            wait_ready(self.proc, self.log.name, self.url, "prometheus", 60)
         except BaseException:
             self.stop()
             raise

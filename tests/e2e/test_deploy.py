@@ -24,7 +24,7 @@ def promtool(*args: str) -> str:
 
 def test_rules_are_valid_and_lint_clean() -> None:
     out = promtool("check", "rules", "rules.yml", "thresholds.yml")
-    assert "SUCCESS: 17 rules found" in out and "SUCCESS: 4 rules found" in out
+    assert "SUCCESS: 25 rules found" in out and "SUCCESS: 4 rules found" in out
 
 
 def test_rules_unit_tests_pass() -> None:
@@ -33,3 +33,8 @@ def test_rules_unit_tests_pass() -> None:
 
 def test_example_prometheus_config_is_valid() -> None:
     assert "SUCCESS: 2 rule files found" in promtool("check", "config", "prometheus.yml")
+
+
+def test_example_prometheus_config_sends_alerts_to_an_alertmanager() -> None:
+    with open(os.path.join(PROM, "prometheus.yml")) as f:
+        assert '"alertmanager:9093"' in f.read()
