@@ -404,6 +404,26 @@ def _parent_exit() -> None:
     runtime.flush_at_exit()
 
 
+@never_raises
+def on_beat_init(sender: Any = None, **_: Any) -> None:
+    """Celery beat starts: push when each periodic entry is next due."""
+    app = getattr(sender, "app", None)
+    if app is None or id(app) not in _apps:
+        return
+    engine = runtime.get_engine()
+    if engine is None:
+        return
+    from . import celery_beat
+
+    flow = str(getattr(app, "main", None) or "celery")
+    if not celery_beat.watch(sender.scheduler, engine, flow):
+        log.warning(
+            "orchestrator_push: beat's scheduler %s has no tick() and schedule to read; "
+            "its entries' next runs are not pushed",
+            type(sender.scheduler).__name__,
+        )
+
+
 def _at_exit() -> None:
     """Also after a cold shutdown (no ``worker_shutdown``): every node of this
     process is going."""
@@ -424,6 +444,7 @@ _HANDLERS: tuple[tuple[Any, Callable[..., None]], ...] = (
     (signals.task_revoked, on_task_revoked),
     (signals.worker_process_shutdown, on_worker_process_shutdown),
     (signals.worker_shutdown, on_worker_shutdown),
+    (signals.beat_init, on_beat_init),
 )
 
 __all__ = ["ConfigError", "instrument", "uninstrument"]

@@ -92,6 +92,9 @@ class Config:
     #: Seconds after its last push that ``orchestrator-push gc`` may delete a
     #: group; None: 7 days, or more for a schedule with long intervals.
     group_ttl: float | None = None
+    #: How late a scheduled run may start (Celery beat, Airflow, Prefect; exec
+    #: has --grace); None: 5 minutes, or one period of the schedule if shorter.
+    schedule_grace: float | None = None
 
     def job_for(self, framework: str) -> str:
         return self.job if self.job is not None else framework
@@ -247,6 +250,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "FLUSH_TIMEOUT": _positive,
     "SPOOL_DIR": _spool_dir,
     "GROUP_TTL": lambda var, raw: None if raw is None else _seconds(var, raw),
+    "SCHEDULE_GRACE": lambda var, raw: None if raw is None else _seconds(var, raw),
     "MAX_GROUPS": lambda var, raw: int(_positive(var, raw, int)),
     "SPOOL_MAX_BYTES": lambda var, raw: int(_positive(var, raw, int)),
     "ENABLED": _bool,
@@ -355,9 +359,10 @@ def _check(c: Config) -> None:
         raise ConfigError(
             PREFIX + "NAMESPACE", f"{c.namespace!r} is not a valid metric name prefix"
         )
-    for n in ("interval", "timeout", "flush_timeout", "max_groups", "spool_max_bytes", "group_ttl"):
+    optional = ("group_ttl", "schedule_grace")
+    for n in ("interval", "timeout", "flush_timeout", "max_groups", "spool_max_bytes", *optional):
         value = getattr(c, n)
-        if n == "group_ttl" and value is None:
+        if n in optional and value is None:
             continue
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(PREFIX + n.upper(), f"must be greater than 0, got {value!r}")

@@ -82,5 +82,6 @@ def local_zone() -> tzinfo:
         return timezone.utc
 
 
-def default_grace(period: float) -> float:
-    return min(DEFAULT_GRACE, period)
+def default_grace(period: float | None) -> float:
+    """5 minutes, or one period if that is shorter."""
+    return DEFAULT_GRACE if period is None else min(DEFAULT_GRACE, period)

@@ -1,0 +1,68 @@
+"""Celery beat pushes when each periodic entry is next due: a real `celery beat`
+process, its own schedule file compared with what reached the gateway."""
+
+from __future__ import annotations
+
+import os
+import shelve
+import signal
+import subprocess
+import sys
+
+from gateway import Pushgateway, wait_until
+
+HERE = os.path.dirname(__file__)
+NS = "orchestrator"
+
+
+def test_beat_pushes_each_entrys_next_due_time_as_its_schedule_file_says(
+    pushgateway: Pushgateway, redis_url: str, tmp_path: object
+) -> None:
+    schedule_file = os.path.join(str(tmp_path), "beat-schedule")
+    log = os.path.join(str(tmp_path), "beat.log")
+    env = {**os.environ, "TEST_REDIS_URL": redis_url, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+           "ORCHESTRATOR_PUSH_INTERVAL": "0.2", "ORCHESTRATOR_PUSH_SCHEDULE_GRACE": "5s",
+           "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "wb") as out:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "beatapp", "beat", "-l", "info",
+             "-s", schedule_file, "--max-interval", "1"],
+            env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+
+    def output() -> str:
+        with open(log, errors="replace") as f:
+            return f.read()
+
+    try:
+        # the 3 s entry sent twice, and its due time pushed after that
+        wait_until(lambda: output().count("Sending due task ping-every-3s") >= 2
+                   or beat.poll() is not None, 30, what="beat to send ping-every-3s twice")
+        assert beat.poll() is None, output()[-3000:]
+
+        def pushed() -> dict[str, float]:
+            try:
+                g = pushgateway.group(job="celery", flow="shop", task="shop.ok")
+            except KeyError:
+                return {}
+            return {lab["schedule"]: v
+                    for lab, v in g.metrics.get(f"{NS}_task_next_run_timestamp_seconds", [])}
+
+        wait_until(lambda: len(pushed()) == 2, 10, what="both entries of shop.ok at the gateway")
+    finally:
+        if beat.poll() is None:
+            beat.send_signal(signal.SIGTERM)  # beat writes its schedule file, we flush at exit
+        assert beat.wait(30) == 0, output()[-3000:]
+
+    with shelve.open(schedule_file, flag="r") as db:
+        last = {name: e.last_run_at.timestamp() for name, e in db["entries"].items()}
+    ok = pushgateway.group(job="celery", flow="shop", task="shop.ok")
+    due = {lab["schedule"]: v for lab, v in ok.metrics[f"{NS}_task_next_run_timestamp_seconds"]}
+    assert abs(due["ping-every-3s"] - (last["ping-every-3s"] + 3)) <= 0.02
+    assert abs(due["ping-hourly"] - (last["ping-hourly"] + 3600)) <= 0.02
+    assert ok.value(f"{NS}_task_schedule_grace_seconds", schedule="ping-hourly") == 5
+    assert ok.value(f"{NS}_push_group_ttl_seconds") == 7 * 86400  # 3 hours are less than a week
+    fail = pushgateway.group(job="celery", flow="shop", task="shop.fail")
+    cron_due = fail.value(f"{NS}_task_next_run_timestamp_seconds", schedule="fail-every-5m",
+                          framework="celery")
+    assert abs(cron_due - (last["fail-every-5m"] // 300 + 1) * 300) <= 0.02
+    assert "orchestrator_push" not in output()
