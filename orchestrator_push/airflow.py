@@ -21,6 +21,7 @@ from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
 from . import airflow_marks, airflow_supervisor, runtime
+from .airflow_schedules import DagSchedules
 from .config import PREFIX
 from .logs import never_raises
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, UPSTREAM_FAILED, FlowRecord, TaskRecord
@@ -162,6 +163,7 @@ def _note_dag_run_start(dag_run: Any) -> None:
 ROLE = "airflow-scheduler"
 _scheduler: tuple[tuple[str, str], ...] | None = None  # this process's node group, if a scheduler
 _scheduler_pid = -1  # (its children inherit _scheduler)
+_schedules: DagSchedules | None = None  # the scheduler's reader of DAG schedules
 
 
 def _is_scheduler(component: Any) -> bool:
@@ -184,6 +186,10 @@ def _note_component_start(component: Any) -> None:
         return
     _scheduler = (("instance", str(getattr(component, "hostname", None) or socket.getfqdn())),)
     engine.register_node(_scheduler, FRAMEWORK, ROLE)
+    global _schedules
+    if _schedules is None:
+        _schedules = DagSchedules(engine)
+        _schedules.start()
 
 
 @never_raises
@@ -191,6 +197,8 @@ def _note_component_stop(component: Any) -> None:
     engine = runtime.get_engine(_airflow_settings, AIRFLOW_SOURCE)
     if _scheduler is not None and engine is not None and _is_scheduler(component):
         engine.node_down(_scheduler, FRAMEWORK)
+        if _schedules is not None:
+            _schedules.stop()
 
 
 def _limit(value: Any) -> float | None:

@@ -244,33 +244,33 @@ def schedule_families(
     ns: str,
     kind: str,
     framework: str,
-    next_run: float | Mapping[str, float],
+    next_run: float | Mapping[str, float] | None,
     grace: float,
     delay: float | None = None,
 ) -> list[Metric]:
     """When the next scheduled run (``kind`` "task" or "flow") is due, and how
     late it may start. A mapping is one series per schedule entry (label
-    ``schedule``: Celery beat's entry names), grace included. ``delay``: how
-    late the run that started now started after its tick (exec, whose task
-    group is its only one)."""
-    names = [f"{ns}_{kind}_{suffix}" for suffix in SCHEDULE_SUFFIXES]
-    helps = [_HELP[f"{kind}_{suffix}"] for suffix in SCHEDULE_SUFFIXES]
-    late_start = []
+    ``schedule``: Celery beat's entry names), grace included; None (a paused
+    schedule) sends the grace alone (see :func:`removal`). ``delay``: how late
+    the run that started now started after its tick (exec, whose task group is
+    its only one)."""
+    fams: list[Metric] = []
+    if isinstance(next_run, Mapping):
+        labels = ["framework", "schedule"]
+        names = [f"{kind}_{suffix}" for suffix in SCHEDULE_SUFFIXES]
+        due = GaugeMetricFamily(f"{ns}_{names[0]}", _HELP[names[0]], labels=labels)
+        late = GaugeMetricFamily(f"{ns}_{names[1]}", _HELP[names[1]], labels=labels)
+        for entry, at in sorted(next_run.items()):
+            due.add_metric([framework, clean_value(entry)], at)
+            late.add_metric([framework, clean_value(entry)], grace)
+        fams += [due, late]
+    else:
+        if next_run is not None:
+            fams.append(_gauge(ns, f"{kind}_next_run_timestamp_seconds", next_run, framework))
+        fams.append(_gauge(ns, f"{kind}_schedule_grace_seconds", grace, framework))
     if delay is not None and 0.0 <= delay < _INF:
-        late_start = [_gauge(ns, "flow_last_start_delay_seconds", delay, framework)]
-    if not isinstance(next_run, Mapping):
-        return [
-            _gauge(ns, f"{kind}_next_run_timestamp_seconds", next_run, framework),
-            _gauge(ns, f"{kind}_schedule_grace_seconds", grace, framework),
-            *late_start,
-        ]
-    labels = ["framework", "schedule"]
-    due = GaugeMetricFamily(names[0], helps[0], labels=labels)
-    late = GaugeMetricFamily(names[1], helps[1], labels=labels)
-    for entry, at in sorted(next_run.items()):
-        due.add_metric([framework, clean_value(entry)], at)
-        late.add_metric([framework, clean_value(entry)], grace)
-    return [due, late, *late_start]
+        fams.append(_gauge(ns, "flow_last_start_delay_seconds", delay, framework))
+    return fams
 
 
 def ttl_family(ns: str, framework: str, ttl: float) -> Metric:

@@ -24,7 +24,7 @@ from .config import Config
 from .ledger import Ledger, Loss, Stats
 from .logs import warn_limited
 from .schema import GroupKind
-from .table import REMOVED, Group, Snapshot, Table
+from .table import Group, Snapshot, Table
 from .transport import Outcome, Transport
 
 MIN_BACKOFF = 0.25
@@ -174,7 +174,7 @@ class Sender:
             # that ended (the oldest start of a task no longer in progress).
             method = "PUT" if snap.group.kind is GroupKind.COUNTERS else "POST"
             outcome = transport.request(method, snap.group.path, body)
-            if outcome.ok and snap.schedule is REMOVED:
+            if outcome.ok and snap.schedule is not None and snap.schedule[0] is None:
                 removal = schema.removal(ns, snap.group.kind.value)
                 outcome = transport.request("POST", snap.group.path, removal, schema.PROTOBUF)
             self._settle(snap, outcome)

@@ -37,21 +37,11 @@ DEFAULT_TTL = 7 * 86400.0
 #: A scheduled group lives at least this many of its schedule's intervals.
 TTL_INTERVALS = 3
 
-
-class Removed:
-    """A schedule that was paused or removed: its series go from the gateway."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "REMOVED"
-
-
-REMOVED = Removed()
 #: What a group's next push says of its schedule: when the next run (or, by
-#: entry name, each one) is due, the grace, and how late this run started
-#: (None: not known); REMOVED; or None, nothing.
-Schedule = tuple[float | Mapping[str, float], float, float | None] | Removed | None
+#: entry name, each one) is due, None when it has none now (paused: its series
+#: is removed); the grace; and how late this run started (None: not known).
+#: None: nothing.
+Schedule = tuple[float | Mapping[str, float] | None, float, float | None] | None
 
 
 @dataclass
@@ -209,7 +199,7 @@ class Group:
             fams += schema.start_families(
                 ns, self.kind.value, self.framework, self.started, self.timeout, self.waited
             )
-        if isinstance(self.schedule, tuple):
+        if self.schedule is not None:
             fams += schema.schedule_families(ns, self.kind.value, self.framework, *self.schedule)
         fams.append(ttl)
         return fams
@@ -364,7 +354,7 @@ class Table:
             g = self._lookup_names(framework, flow, task)
             if g is None:
                 return False
-        g.schedule = REMOVED if next_run is None else (next_run, grace, delay)
+        g.schedule = (next_run, grace, delay)
         if self._ttl is None and interval is not None:
             g.ttl = max(DEFAULT_TTL, TTL_INTERVALS * interval + grace)
         self._mark(g)

@@ -102,7 +102,7 @@ def gateway_for_deployment() -> Iterator[Pushgateway]:
 @pytest.fixture(scope="module")
 def deployment(gateway_for_deployment: Pushgateway) -> Iterator[Deployment]:
     yield from _deploy(gateway_for_deployment.url, {},
-                       ("e2e", "e2e_wait", "e2e_counts", "e2e_sensor"))
+                       ("e2e", "e2e_wait", "e2e_counts", "e2e_sensor", "e2e_scheduled"))
 
 
 def _deploy(url: str, extra: dict[str, str], dag_ids: tuple[str, ...]) -> Iterator[Deployment]:
@@ -353,6 +353,42 @@ def test_the_scheduler_pushes_its_liveness(deployment: Deployment,
         jobs = deployment.api("GET", "/jobs?job_type=SchedulerJob&is_alive=true")["jobs"]
         assert node.labels["instance"] in {j["hostname"] for j in jobs}
     wait_until(lambda: (seen() or 0) > first, timeout=30, interval=0.5, what="a later heartbeat")
+
+
+def _next_run(gw: Pushgateway) -> tuple[float | None, float | None]:
+    """e2e_scheduled's next run and grace at the gateway, as Prometheus scrapes it."""
+    due = grace = None
+    for line in gw.get("/metrics").decode().splitlines():
+        if 'flow="e2e_scheduled"' in line and 'job="airflow"' in line:
+            if line.startswith(f"{NS}_flow_next_run_timestamp_seconds{{"):
+                due = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(f"{NS}_flow_schedule_grace_seconds{{"):
+                grace = float(line.rsplit(" ", 1)[1])
+    return due, grace
+
+
+def test_the_scheduler_pushes_each_dags_next_run_and_removes_it_while_paused(
+        deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
+    d, gw = deployment, gateway_for_deployment
+    dag = d.api("GET", "/dags/e2e_scheduled")
+    expected = _airflow_time(dag["next_dagrun_create_after" if AIRFLOW_2
+                                 else "next_dagrun_run_after"])
+    # Airflow 2.10: the first data interval's end; 3: its start (a trigger timetable)
+    assert expected == datetime(2030, 1, 1, 1 if AIRFLOW_2 else 0, tzinfo=timezone.utc).timestamp()
+    wait_until(lambda: _next_run(gw)[0] is not None, 60, interval=0.5,
+               what="e2e_scheduled's next run at the gateway")
+    assert _next_run(gw) == (expected, 300.0)
+
+    d.api("PATCH", "/dags/e2e_scheduled", {"is_paused": True})
+    try:
+        wait_until(lambda: _next_run(gw)[0] is None, 60, interval=0.5,
+                   what="the paused DAG's next run gone")
+        assert _next_run(gw) == (None, 300.0)  # the grace stays: it has a schedule
+    finally:
+        d.api("PATCH", "/dags/e2e_scheduled", {"is_paused": False})
+    wait_until(lambda: _next_run(gw)[0] is not None, 60, interval=0.5,
+               what="the next run back after unpausing")
+    assert _next_run(gw) == (expected, 300.0)
 
 
 def _trigger_wait(d: Deployment, gw: Pushgateway) -> tuple[float | None, str]:
