@@ -20,11 +20,11 @@ from typing import Any
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 
-from . import airflow_marks, airflow_supervisor, runtime
-from .airflow_schedules import DagSchedules
+from . import airflow_marks, airflow_schedules, airflow_supervisor, runtime
 from .config import PREFIX
 from .logs import never_raises
 from .records import FAILED, RETRY, SKIPPED, SUCCESS, UPSTREAM_FAILED, FlowRecord, TaskRecord
+from .schedule_watch import Poller
 
 FRAMEWORK = "airflow"
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _note_dag_run_start(dag_run: Any) -> None:
 ROLE = "airflow-scheduler"
 _scheduler: tuple[tuple[str, str], ...] | None = None  # this process's node group, if a scheduler
 _scheduler_pid = -1  # (its children inherit _scheduler)
-_schedules: DagSchedules | None = None  # the scheduler's reader of DAG schedules
+_schedules: Poller | None = None  # the scheduler's reader of DAG schedules
 
 
 def _is_scheduler(component: Any) -> bool:
@@ -188,8 +188,7 @@ def _note_component_start(component: Any) -> None:
     engine.register_node(_scheduler, FRAMEWORK, ROLE)
     global _schedules
     if _schedules is None:
-        _schedules = DagSchedules(engine)
-        _schedules.start()
+        _schedules = airflow_schedules.start(engine)
 
 
 @never_raises

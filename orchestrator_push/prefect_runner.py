@@ -34,6 +34,7 @@ from typing import Any
 from . import after_import, runtime
 from .logs import never_raises, warn_limited
 from .records import CANCELLED, CRASHED, FlowRecord
+from .schedule_watch import Poller
 
 FRAMEWORK = "prefect"
 WORKER_ROLE = "prefect-worker"
@@ -47,6 +48,8 @@ _RUNNER = "prefect.runner.runner"
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _flow_names: dict[Any, str] = {}  # flow id -> name, bounded
 _workers_runners: weakref.WeakSet[Any] = weakref.WeakSet()  # started by a worker: no node
+#: each worker's reader of its work pool's deployment schedules
+_schedules: weakref.WeakKeyDictionary[Any, Poller] = weakref.WeakKeyDictionary()
 #: How many callers up to look for a worker starting a runner.
 _OWNER_DEPTH = 8
 
@@ -235,12 +238,21 @@ def _started_by_a_worker() -> bool:
 @never_raises
 def _register(obj: Any, role: str) -> None:
     engine = runtime.get_engine()
-    if engine is not None:
-        engine.register_node(_node(obj), FRAMEWORK, role)
+    if engine is None:
+        return
+    engine.register_node(_node(obj), FRAMEWORK, role)
+    pool = getattr(obj, "_work_pool_name", None)
+    if role == WORKER_ROLE and isinstance(pool, str) and obj not in _schedules:
+        from . import prefect_schedules
+
+        _schedules[obj] = prefect_schedules.start(engine, pool)
 
 
 @never_raises
 def _unregister(obj: Any) -> None:
+    poller = _schedules.pop(obj, None)
+    if poller is not None:
+        poller.stop()
     if obj in _workers_runners:
         return
     engine = runtime.get_engine()

@@ -39,6 +39,7 @@ DEPLOYMENTS = {
     "deployed-cancel": "deployed_cancel",
     "deployed-unsubmittable": "deployed_unsubmittable",
     "deployed-counted": "deployed_counted",
+    "deployed-scheduled": "deployed_scheduled",
 }
 SETUP = textwrap.dedent("""
     import sys
@@ -148,6 +149,8 @@ def deployment() -> Iterator[Deployment]:
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            # scheduled runs are created within 2 s of a schedule (default 60)
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
             "PREFECT_PLUGINS_ENABLED": "1",
             "ORCHESTRATOR_PUSH_URL": gw.url,
             "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
@@ -264,6 +267,69 @@ def test_the_worker_pushes_its_liveness(deployment: Deployment) -> None:
     # own (a new runner-<uuid> each time), which must not be a node beside it.
     nodes = [g.labels for g in deployment.gw.groups() if f"{NS}_worker_up" in g.metrics]
     assert nodes == [{"job": "prefect", "instance": WORKER}], nodes
+
+
+def _next_run(d: Deployment) -> tuple[float | None, float | None]:
+    """deployed-scheduled's next run and grace, as Prometheus scrapes the gateway."""
+    due = grace = None
+    for line in d.gw.get("/metrics").decode().splitlines():
+        if 'flow="deployed-scheduled"' in line and 'job="prefect"' in line:
+            if line.startswith(f"{NS}_flow_next_run_timestamp_seconds{{"):
+                due = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(f"{NS}_flow_schedule_grace_seconds{{"):
+                grace = float(line.rsplit(" ", 1)[1])
+    return due, grace
+
+
+def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
+        deployment: Deployment) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    d = deployment
+    anchor = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1)
+    with d.client() as client:
+        dep = client.read_deployment_by_name("deployed-scheduled/d")
+        client.create_deployment_schedules(
+            dep.id, [(IntervalSchedule(interval=timedelta(days=1), anchor_date=anchor), True)])
+
+    def earliest() -> float | None:
+        with d.client() as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(
+                        any_=[StateType.SCHEDULED]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+        return runs[0].expected_start_time.timestamp() if runs else None
+
+    expected = wait_until(earliest, 60, interval=0.5, what="Prefect to schedule the run")
+    assert expected == anchor.timestamp()  # Prefect's own record: the schedule's first date
+    wait_until(lambda: _next_run(d)[0] is not None, 60, interval=0.5,
+               what="the next run at the gateway")
+    assert _next_run(d) == (expected, 300.0)
+
+    with d.client() as client:
+        client.pause_deployment(dep.id)
+    try:
+        wait_until(lambda: _next_run(d)[0] is None, 60, interval=0.5,
+                   what="the paused deployment's next run gone")
+        assert _next_run(d) == (None, 300.0)  # the grace stays: it has a schedule
+    finally:
+        with d.client() as client:
+            client.resume_deployment(dep.id)
+    wait_until(lambda: _next_run(d)[0] is not None, 60, interval=0.5,
+               what="the next run back after resuming")
+    assert _next_run(d) == (expected, 300.0)
 
 
 def test_a_deployment_run_reports_its_lateness(deployment: Deployment) -> None:

@@ -123,3 +123,9 @@ def deployed_counted(mark: str, path: str = "") -> None:
     wait(futures)
     if path:
         hold(path)
+
+
+@flow(name="deployed-scheduled")
+def deployed_scheduled() -> None:
+    """Scheduled an hour ahead by the test: never run."""
+    step(1)

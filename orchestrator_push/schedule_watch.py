@@ -1,0 +1,116 @@
+"""Schedules a framework keeps (Airflow DAGs, Prefect deployments, Celery beat
+entries), recorded when they change: one place for what is pushed when.
+
+An adapter reads the whole picture now and then (:class:`Poller`, on a thread
+of its own, or Celery beat after each tick) and hands it to
+:meth:`ScheduleRecorder.update`, which records only what changed, and all of it
+every :data:`RESEND` seconds so a gateway restarted without persistence gets it
+back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .engine import Engine
+from .logs import warn_limited
+from .schedules import default_grace
+
+#: Unchanged schedules are recorded again this often.
+RESEND = 60.0
+
+#: (flow, task): task None for a flow's own schedule
+Key = tuple[str, str | None]
+
+
+@dataclass(frozen=True)
+class Due:
+    """What a schedule says now. ``next_run``: unix time (or, by entry name,
+    several); None when there is no next run now. ``paused``: there is one, but
+    the schedule is paused (its grace is kept at the gateway, the mark of
+    something scheduled). ``period``: the schedule's interval, where it has one."""
+
+    next_run: float | Mapping[str, float] | None
+    period: float | None = None
+    paused: bool = False
+
+
+class ScheduleRecorder:
+    """Records the schedules of one framework into an engine when they change."""
+
+    def __init__(self, engine: Engine, framework: str) -> None:
+        self.engine = engine
+        self.framework = framework
+        self._sent: dict[Key, Due] = {}
+        self._sent_at = float("-inf")
+
+    def update(self, schedules: Mapping[Key, Due]) -> None:
+        """``schedules``: every schedule there is now; one that had a next run
+        and is gone (a deleted DAG, a removed beat entry) loses it."""
+        now = time.monotonic()
+        resend = now - self._sent_at >= RESEND
+        for key in self._sent.keys() - schedules.keys():
+            was = self._sent.pop(key)
+            if was.next_run is not None:
+                self._record(key, Due(None, was.period))
+        for key, due in schedules.items():
+            before = self._sent.get(key)
+            had_next = before is not None and before.next_run is not None
+            if due.next_run is None and not due.paused and not had_next:
+                continue  # nothing scheduled, and no next run of ours to remove
+            if before == due and not resend:
+                continue
+            self._record(key, due)
+            self._sent[key] = due
+        if resend:
+            self._sent_at = now
+
+    def _record(self, key: Key, due: Due) -> None:
+        grace = self.engine.config.schedule_grace
+        self.engine.record_schedule(
+            self.framework,
+            key[0],
+            key[1],
+            next_run=due.next_run,
+            grace=default_grace(due.period) if grace is None else grace,
+            interval=due.period,
+        )
+
+
+class Poller:
+    """Reads a framework's schedules every ``poll`` seconds on a daemon thread
+    and hands them to a :class:`ScheduleRecorder`."""
+
+    def __init__(
+        self,
+        recorder: ScheduleRecorder,
+        read: Callable[[], Mapping[Key, Due]],
+        poll: float,
+        name: str,
+    ) -> None:
+        self._recorder = recorder
+        self._read = read
+        self._poll = poll
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._recorder.update(self._read())
+            except Exception:  # an API or database hiccup: the next poll tries again
+                warn_limited(
+                    f"schedules-{self._recorder.framework}",
+                    "orchestrator_push: could not read the %s schedules",
+                    self._recorder.framework,
+                )
+            self._stop.wait(self._poll)
