@@ -3,8 +3,10 @@
 Starts a Pushgateway and a Prometheus (with deploy/prometheus/rules.yml) on
 127.0.0.1, runs the Celery, Airflow and Prefect examples, each in its own
 virtualenv under .envs/ (created with uv on first use), and two
-`orchestrator-push exec` jobs, then prints `orchestrator-push status` and the
-URLs to look at. On a terminal it keeps both servers up until Ctrl-C.
+`orchestrator-push exec` jobs, then prints `orchestrator-push status`, shows a
+missed run raising OrchestratorTaskMissed (a loop scheduled every 2 s that ran
+once), and prints the URLs to look at. On a terminal it keeps both servers up
+until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -109,6 +111,21 @@ def run_exec(gateway: Pushgateway, say: Say = print) -> None:
     )
     if p.returncode != 3:
         raise RuntimeError(f"exec upload: expected exit code 3, got {p.returncode}: {p.stderr}")
+
+
+def show_missed_run(gateway: Pushgateway, prometheus: Prometheus, say: Say = print) -> None:
+    """A scheduled loop that ran once and stopped: its next run is due 2 s after
+    it ended, with 1 s of grace, and Prometheus fires OrchestratorTaskMissed."""
+    say("exec --every 2s --grace 1s: a loop that ran once and stopped; its next run is missed")
+    cli = [sys.executable, "-m", "orchestrator_push", "exec", "--job", "heartbeat"]
+    _run([*cli, "--every", "2s", "--grace", "1s", "--", "true"], _base_env(gateway), "heartbeat")
+
+    def firing() -> bool:
+        query = 'ALERTS{alertname="OrchestratorTaskMissed",alertstate="firing",job="heartbeat"}'
+        return bool(prometheus.query(query))
+
+    wait_until(firing, timeout=60, interval=0.5, what="OrchestratorTaskMissed for heartbeat")
+    say("OrchestratorTaskMissed is firing for job heartbeat (Prometheus /alerts)")
 
 
 def run_celery(gateway: Pushgateway, say: Say = print) -> None:
@@ -230,6 +247,7 @@ def main() -> int:
         from orchestrator_push import admin, load_config
 
         admin.status(load_config({}, url=gateway.url), sys.stdout)
+        show_missed_run(gateway, prometheus, say)
         say(
             f"Prometheus: {prometheus.url}/alerts (rules from deploy/prometheus), "
             f"{prometheus.url}/graph?g0.expr=orchestrator_task_last_status%3D%3D1"

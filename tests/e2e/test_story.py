@@ -8,6 +8,7 @@ framework in its own virtualenv under .envs/.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -404,3 +405,22 @@ def test_a_sigkilled_airflow_task_raises_the_vanished_alert(
                                      "job", "framework", "flow", "task"),
                60, interval=0.5, what="OrchestratorTaskVanished for the Airflow task")
     assert ("airflow_vanishing",) not in firing(prom, "OrchestratorTaskHung", "flow")
+
+
+def test_the_demos_missed_run_fires_in_prometheus() -> None:
+    """`make demo` ends by showing a missed run: a loop that ran once and
+    stopped. Its own gateway and Prometheus, with the shipped rules only."""
+    with contextlib.contextmanager(running)() as gw:
+        p = Prometheus(gw.url, story.RULE_FILES)
+        try:
+            said: list[str] = []
+            story.show_missed_run(gw, p, say=said.append)
+            (alert,) = [a for a in rules(p)["OrchestratorTaskMissed"]["alerts"]
+                        if a["state"] == "firing"]
+            assert alert["labels"]["job"] == "heartbeat" and alert["labels"]["task"] == "main"
+            g = gw.group(job="heartbeat", flow="heartbeat", task="main")
+            ended = g.value("orchestrator_task_last_completion_timestamp_seconds")
+            assert g.value("orchestrator_task_next_run_timestamp_seconds") == ended + 2
+            assert said[-1].startswith("OrchestratorTaskMissed is firing")
+        finally:
+            p.stop()
