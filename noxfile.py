@@ -68,8 +68,10 @@ def prefect(session: nox.Session, prefect: str) -> None:
     """Real flows on Prefect's ephemeral API server, and deployments on a real
     `prefect server` with a real process worker."""
     # Prefect 3.8's server breaks on FastAPI releases newer than it knows
-    # (`Body(min_items=...)` removed); 3.9 bounds FastAPI itself.
-    pins = ["fastapi<0.151"] if prefect == "3.8" else []
+    # (`Body(min_items=...)` removed), and its scheduler service on SQLAlchemy 2.1
+    # ("Can't evaluate bulk DML statement": no scheduled run is ever created);
+    # 3.9 bounds FastAPI itself and works with SQLAlchemy 2.1.
+    pins = ["fastapi<0.151", "sqlalchemy<2.1"] if prefect == "3.8" else []
     session.install("-e", ".[dev]", f"prefect=={prefect}.*", *pins)
     session.env.update({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})

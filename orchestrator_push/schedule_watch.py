@@ -5,7 +5,7 @@ An adapter reads the whole picture now and then (:class:`Poller`, on a thread
 of its own, or Celery beat after each tick) and hands it to
 :meth:`ScheduleRecorder.update`, which records only what changed, and all of it
 every :data:`RESEND` seconds so a gateway restarted without persistence gets it
-back.
+back (a scheduler of thousands of DAGs pushes each one that often).
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from .engine import Engine
 from .logs import warn_limited
 from .schedules import default_grace
 
-#: Unchanged schedules are recorded again this often.
-RESEND = 60.0
+#: Unchanged schedules are recorded again this often, so a gateway restarted
+#: without persistence gets them back (the alerts about runs that did not
+#: arrive are held back for as long after a restart: rules.yml).
+RESEND = 600.0
 
 #: (flow, task): task None for a flow's own schedule
 Key = tuple[str, str | None]

@@ -312,7 +312,8 @@ def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
                 sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
         return runs[0].expected_start_time.timestamp() if runs else None
 
-    expected = wait_until(earliest, 60, interval=0.5, what="Prefect to schedule the run")
+    expected = wait_until(earliest, 60, interval=0.5,
+                          what=f"Prefect to schedule the run; server log:\n{d.log('server.log')}")
     assert expected == anchor.timestamp()  # Prefect's own record: the schedule's first date
     wait_until(lambda: _next_run(d)[0] is not None, 60, interval=0.5,
                what="the next run at the gateway")
