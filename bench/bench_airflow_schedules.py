@@ -18,9 +18,9 @@ process:
    interleaved; the median of the per-round ratios of loop iterations is the
    slowdown at that rate, divided by 20 the one at the real rate.
 
-The reader's first poll records every DAG (and its push of thousands of groups
-is not part of the rounds); later ones find nothing changed, as in a steady
-scheduler. Correctness: the gateway holds a next run for every unpaused DAG
+The reader's first polls record every DAG (half the group cap per poll; their
+push of thousands of groups is not part of the rounds); later ones find
+nothing changed, as in a steady scheduler. Correctness: the gateway holds a next run for every unpaused DAG
 and none for the paused ones (the grace alone).
 """
 
@@ -88,8 +88,11 @@ CHILD = textwrap.dedent("""
 
     engine = runtime.get_engine()
     recorder = ScheduleRecorder(engine, "airflow")
-    recorder.update(reader._read_now())  # the first poll pushes every DAG; then only changes
-    ok = engine.flush(300)
+    ok, t0 = True, time.perf_counter()
+    for _ in range(n // (engine.config.max_groups // 2) + 1):  # the first polls push every DAG
+        recorder.update(reader._read_now())
+        ok = engine.flush(600) and ok
+    setup_s = time.perf_counter() - t0
     ratios, plain, polled = [], [], []
     for i in range(rounds):
         res = {}
@@ -105,7 +108,7 @@ CHILD = textwrap.dedent("""
         ratios.append(res["polled"] / res["plain"])
     ok = engine.flush(120) and ok
     print("RESULT " + json.dumps({"reads": reads, "ratios": ratios, "plain": plain,
-                                  "polled": polled, "ok": ok}))
+                                  "polled": polled, "ok": ok, "setup_s": setup_s}))
 """)
 
 
@@ -137,7 +140,7 @@ def main() -> int:
                   and bool(g.metrics["orchestrator_flow_next_run_timestamp_seconds"])
                   for g in groups)
         paused = a.dags // 10 + (1 if a.dags % 10 else 0)
-        correct = r["ok"] and due == a.dags - paused and len(groups) == a.dags
+        correct = due == a.dags - paused and len(groups) == a.dags
         import airflow
 
         reads = sorted(r["reads"])
@@ -158,6 +161,8 @@ def main() -> int:
         print(f"| its slowdown with a read every 0.5 s (median of per-round ratios) | "
               f"{slow * 100:.1f} % | |")
         print(f"| the same at the real rate (every 10 s: a 20th) | {slow * 5:.2f} % | |")
+        print(f"| first polls: every DAG pushed, to a gateway of {a.dags} groups | "
+              f"{r['setup_s']:.0f} s | delivered within the flushes: {r['ok']} |")
     return 0
 
 

@@ -20,9 +20,10 @@ from .logs import warn_limited
 from .schedules import default_grace
 
 #: Unchanged schedules are recorded again this often, so a gateway restarted
-#: without persistence gets them back (the alerts about runs that did not
-#: arrive are held back for as long after a restart: rules.yml).
-RESEND = 600.0
+#: without persistence gets them back. Not more often: at 5,000 groups each push
+#: costs the gateway ~0.1 s (bench/bench_airflow_schedules.py), and a scheduler
+#: of 5,000 DAGs resends 5,000 groups.
+RESEND = 3600.0
 
 #: (flow, task): task None for a flow's own schedule
 Key = tuple[str, str | None]
@@ -51,24 +52,35 @@ class ScheduleRecorder:
 
     def update(self, schedules: Mapping[Key, Due]) -> None:
         """``schedules``: every schedule there is now; one that had a next run
-        and is gone (a deleted DAG, a removed beat entry) loses it."""
+        and is gone (a deleted DAG, a removed beat entry) loses it. At most
+        half the engine's group cap is recorded per call (a scheduler of
+        thousands of DAGs at its first poll): the rest at the next calls, once
+        those are delivered, so none is dropped at the cap."""
         now = time.monotonic()
-        resend = now - self._sent_at >= RESEND
-        for key in self._sent.keys() - schedules.keys():
+        if now - self._sent_at >= RESEND:
+            self._sent_at = now
+            # what is current is sent again; what is gone stays, to be removed
+            self._sent = {k: v for k, v in self._sent.items() if k not in schedules}
+        budget = max(1, self.engine.config.max_groups // 2)
+        for key in list(self._sent.keys() - schedules.keys()):
+            if budget <= 0:
+                return
             was = self._sent.pop(key)
             if was.next_run is not None:
                 self._record(key, Due(None, was.period))
+                budget -= 1
         for key, due in schedules.items():
             before = self._sent.get(key)
             had_next = before is not None and before.next_run is not None
             if due.next_run is None and not due.paused and not had_next:
                 continue  # nothing scheduled, and no next run of ours to remove
-            if before == due and not resend:
+            if before == due:
                 continue
+            if budget <= 0:
+                return
             self._record(key, due)
             self._sent[key] = due
-        if resend:
-            self._sent_at = now
+            budget -= 1
 
     def _record(self, key: Key, due: Due) -> None:
         grace = self.engine.config.schedule_grace

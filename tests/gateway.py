@@ -167,8 +167,12 @@ def start(port: int | None = None, extra_args: list[str] | None = None,
           headers: dict[str, str] | None = None) -> Pushgateway:
     binary = find_binary()
     port = port or free_port()
-    args = [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file=",
-            "--log.level=warn", *(extra_args or [])]
+    extra = extra_args or []
+    # persistence off unless the caller gives a file (the flag cannot be repeated)
+    persistence = [] if any(a.startswith("--persistence.file") for a in extra) \
+        else ["--persistence.file="]
+    args = [binary, f"--web.listen-address=127.0.0.1:{port}", *persistence,
+            "--log.level=warn", *extra]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     gw = Pushgateway(port, proc, args, context, headers)
@@ -253,6 +257,11 @@ scrape_configs:
     static_configs:
       - targets: ["{target}"]
 """
+ALERTING = """alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ["{target}"]
+"""
 
 
 def wait_ready(proc: subprocess.Popen[bytes], log: str, url: str, name: str,
@@ -276,7 +285,8 @@ class Prometheus:
     """A real ``prometheus`` on a free 127.0.0.1 port scraping one Pushgateway."""
 
     def __init__(self, gateway_url: str, rule_files: list[str] | None = None,
-                 honor_labels: bool = True, interval: str = "1s") -> None:
+                 honor_labels: bool = True, interval: str = "1s",
+                 alertmanager: str | None = None) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError("prometheus not found: "
@@ -288,6 +298,8 @@ class Prometheus:
                 interval=interval, rule_files=json.dumps(rule_files or []),
                 honor_labels=str(honor_labels).lower(),
                 target=gateway_url.split("://", 1)[1].rstrip("/")))
+            if alertmanager is not None:  # where firing alerts go
+                f.write(ALERTING.format(target=alertmanager.split("://", 1)[1].rstrip("/")))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(self.workdir, "prometheus.log"), "wb")

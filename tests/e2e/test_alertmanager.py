@@ -7,119 +7,12 @@ at this test's receiver, and the grouping waits are 1 s instead of 30 s / 5 min
 
 from __future__ import annotations
 
-import http.server
-import json
-import os
-import shutil
 import subprocess
-import tempfile
-import threading
-import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
-from gateway import free_port, wait_ready, wait_until
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-CONFIG = os.path.join(ROOT, "deploy", "alertmanager", "alertmanager.yml")
-PLACEHOLDER = "http://alert-receiver.example:5001"
-
-
-def binary(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        pytest.fail(f"{name} not found: install the Debian package prometheus-alertmanager",
-                    pytrace=False)
-    return exe
-
-
-class Receiver:
-    """A webhook receiver: what Alertmanager sent, by path."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[str, dict[str, Any]]] = []
-        received = self.got
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append((self.path, json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def alerts(self, path: str) -> set[tuple[str, str]]:
-        """(alertname, job) of every firing alert sent to ``path``."""
-        return {(a["labels"]["alertname"], a["labels"].get("job", ""))
-                for p, body in list(self.got) if p == path
-                for a in body["alerts"] if a["status"] == "firing"}
-
-
-class Alertmanager:
-    def __init__(self, receiver_url: str) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="op-alertmanager-")
-        with open(CONFIG) as f:
-            text = f.read()
-        assert text.count(PLACEHOLDER) == 2
-        text = text.replace(PLACEHOLDER, receiver_url)
-        text = text.replace("group_wait: 30s", "group_wait: 1s")
-        text = text.replace("group_interval: 5m", "group_interval: 1s")
-        config = os.path.join(self.workdir, "alertmanager.yml")
-        with open(config, "w") as f:
-            f.write(text)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(self.workdir, "alertmanager.log"), "wb")
-        self.proc = subprocess.Popen(
-            [binary("prometheus-alertmanager"), f"--config.file={config}",
-             f"--storage.path={self.workdir}/data", f"--web.listen-address=127.0.0.1:{self.port}",
-             "--cluster.listen-address=", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-        try:
-            wait_ready(self.proc, self.log.name, self.url, "alertmanager", 30)
-        except BaseException:
-            self.stop()
-            raise
-
-    def fire(self, *alerts: dict[str, str]) -> None:
-        now = datetime.now(timezone.utc)
-        body = [{"labels": labels, "annotations": {"summary": labels["alertname"]},
-                 "startsAt": now.isoformat(),
-                 "endsAt": (now + timedelta(minutes=5)).isoformat()} for labels in alerts]
-        req = urllib.request.Request(self.url + "/api/v2/alerts", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(req, timeout=5).close()
-
-    def suppressed(self, alertname: str, job: str) -> bool:
-        """Held back by an inhibit rule (the status says by which alert)."""
-        status = self.state(alertname, job)
-        return status["state"] == "suppressed" and bool(status["inhibitedBy"])
-
-    def state(self, alertname: str, job: str) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/api/v2/alerts", timeout=5) as r:
-            alerts = json.loads(r.read())
-        (found,) = [a for a in alerts if a["labels"]["alertname"] == alertname
-                    and a["labels"].get("job") == job]
-        return found["status"]  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+from alerting import CONFIG, Alertmanager, Receiver, binary
+from gateway import wait_until
 
 
 @pytest.fixture
@@ -131,13 +24,20 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def alertmanager(receiver: Receiver) -> Iterator[Alertmanager]:
-    am = Alertmanager(receiver.url)
+    try:
+        am = Alertmanager(receiver.url)
+    except RuntimeError as exc:  # a missing binary is an error, with how to install it
+        pytest.fail(str(exc), pytrace=False)
     yield am
     am.stop()
 
 
 def test_the_shipped_config_is_valid() -> None:
-    p = subprocess.run([binary("amtool"), "check-config", CONFIG], capture_output=True,
+    try:
+        amtool = binary("amtool")
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    p = subprocess.run([amtool, "check-config", CONFIG], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 inhibit rules" in p.stdout and "3 receivers" in p.stdout

@@ -1,0 +1,127 @@
+"""A real Alertmanager with the shipped routes and inhibit rules, and a webhook
+receiver for it (the end-to-end tests' own)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from gateway import free_port, wait_ready
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "deploy", "alertmanager", "alertmanager.yml")
+PLACEHOLDER = "http://alert-receiver.example:5001"
+
+
+def binary(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise RuntimeError(f"{name} not found: install the Debian package prometheus-alertmanager")
+    return exe
+
+
+class Receiver:
+    """A webhook receiver: what Alertmanager sent, by path."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, Any]]] = []
+        #: (alertname, sorted labels) -> (path, unix time it first arrived firing)
+        self.first: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, float]] = {}
+        received, first = self.got, self.first
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((self.path, body))
+                for a in body["alerts"]:
+                    if a["status"] == "firing":
+                        key = (a["labels"]["alertname"], tuple(sorted(a["labels"].items())))
+                        first.setdefault(key, (self.path, time.time()))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def firing(self, job: str) -> dict[str, tuple[str, float]]:
+        """Alerts of ``job`` that arrived firing: alertname -> (path, first arrival)."""
+        return {name: seen for (name, labels), seen in list(self.first.items())
+                if dict(labels).get("job") == job}
+
+    def alerts(self, path: str) -> set[tuple[str, str]]:
+        """(alertname, job) of every firing alert sent to ``path``."""
+        return {(a["labels"]["alertname"], a["labels"].get("job", ""))
+                for p, body in list(self.got) if p == path
+                for a in body["alerts"] if a["status"] == "firing"}
+
+
+class Alertmanager:
+    def __init__(self, receiver_url: str) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="op-alertmanager-")
+        with open(CONFIG) as f:
+            text = f.read()
+        assert text.count(PLACEHOLDER) == 2
+        text = text.replace(PLACEHOLDER, receiver_url)
+        text = text.replace("group_wait: 30s", "group_wait: 1s")
+        text = text.replace("group_interval: 5m", "group_interval: 1s")
+        config = os.path.join(self.workdir, "alertmanager.yml")
+        with open(config, "w") as f:
+            f.write(text)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(self.workdir, "alertmanager.log"), "wb")
+        self.proc = subprocess.Popen(
+            [binary("prometheus-alertmanager"), f"--config.file={config}",
+             f"--storage.path={self.workdir}/data", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--cluster.listen-address=", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+
+        try:
+            wait_ready(self.proc, self.log.name, self.url, "alertmanager", 30)
+        except BaseException:
+            self.stop()
+            raise
+
+    def fire(self, *alerts: dict[str, str]) -> None:
+        now = datetime.now(timezone.utc)
+        body = [{"labels": labels, "annotations": {"summary": labels["alertname"]},
+                 "startsAt": now.isoformat(),
+                 "endsAt": (now + timedelta(minutes=5)).isoformat()} for labels in alerts]
+        req = urllib.request.Request(self.url + "/api/v2/alerts", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def suppressed(self, alertname: str, job: str) -> bool:
+        """Held back by an inhibit rule (the status says by which alert)."""
+        status = self.state(alertname, job)
+        return status["state"] == "suppressed" and bool(status["inhibitedBy"])
+
+    def state(self, alertname: str, job: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/api/v2/alerts", timeout=5) as r:
+            alerts = json.loads(r.read())
+        (found,) = [a for a in alerts if a["labels"]["alertname"] == alertname
+                    and a["labels"].get("job") == job]
+        return found["status"]  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
