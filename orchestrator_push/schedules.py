@@ -30,7 +30,16 @@ class Cron:
         from cronsim import CronSim
 
         dt = datetime.fromtimestamp(at + _EPSILON, self.zone)
-        return next(CronSim(self.expr, dt, reverse=True)).timestamp()
+        tick = next(CronSim(self.expr, dt, reverse=True)).timestamp()
+        # Backwards, a tick moved by a daylight-saving change (02:30 on the night
+        # clocks go forward runs at 03:00) can be missed on some Pythons (3.10):
+        # forwards, as cron runs them, from the tick found.
+        for _ in range(3):
+            following = self.after(tick)
+            if following > at + _EPSILON:
+                break
+            tick = following
+        return tick
 
     def after(self, at: float) -> float:
         """The first tick after ``at``."""
