@@ -24,6 +24,7 @@ imports them), see :mod:`.after_import`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sys
 import weakref
@@ -34,7 +35,6 @@ from typing import Any
 from . import after_import, runtime
 from .logs import never_raises, warn_limited
 from .records import CANCELLED, CRASHED, FlowRecord
-from .schedule_watch import Poller
 
 FRAMEWORK = "prefect"
 WORKER_ROLE = "prefect-worker"
@@ -48,8 +48,8 @@ _RUNNER = "prefect.runner.runner"
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _flow_names: dict[Any, str] = {}  # flow id -> name, bounded
 _workers_runners: weakref.WeakSet[Any] = weakref.WeakSet()  # started by a worker: no node
-#: each worker's reader of its work pool's deployment schedules
-_schedules: weakref.WeakKeyDictionary[Any, Poller] = weakref.WeakKeyDictionary()
+#: each worker's task that reads its work pool's deployment schedules
+_schedules: weakref.WeakKeyDictionary[Any, asyncio.Task[None]] = weakref.WeakKeyDictionary()
 #: How many callers up to look for a worker starting a runner.
 _OWNER_DEPTH = 8
 
@@ -242,17 +242,26 @@ def _register(obj: Any, role: str) -> None:
         return
     engine.register_node(_node(obj), FRAMEWORK, role)
     pool = getattr(obj, "_work_pool_name", None)
-    if role == WORKER_ROLE and isinstance(pool, str) and obj not in _schedules:
+    client = getattr(obj, "_client", None)
+    if (
+        role == WORKER_ROLE
+        and isinstance(pool, str)
+        and client is not None
+        and obj not in _schedules
+    ):
         from . import prefect_schedules
 
-        _schedules[obj] = prefect_schedules.start(engine, pool)
+        # on the worker's own loop (setup runs on it), with its client
+        _schedules[obj] = asyncio.get_running_loop().create_task(
+            prefect_schedules.poll(engine, client, pool)
+        )
 
 
 @never_raises
 def _unregister(obj: Any) -> None:
-    poller = _schedules.pop(obj, None)
-    if poller is not None:
-        poller.stop()
+    polling = _schedules.pop(obj, None)
+    if polling is not None:
+        polling.cancel()
     if obj in _workers_runners:
         return
     engine = runtime.get_engine()

@@ -1,7 +1,8 @@
 """Prefect: when each deployment's next scheduled run is due, from the worker.
 
-A daemon thread of ``prefect worker start`` asks the API every :data:`POLL`
-seconds for the deployments of the worker's work pool, and for each one with
+A task on the event loop of ``prefect worker start``, with the worker's own API
+client (no thread, no client of its own), asks every :data:`POLL` seconds for
+the deployments of the worker's work pool, and for each one with
 an active schedule, its earliest flow run in a SCHEDULED state (Scheduled, or
 Late once it is overdue: Prefect's scheduler service creates the runs ahead of
 time). What changed is recorded (schedule_watch.py) in the flow's group:
@@ -14,11 +15,13 @@ time). What changed is recorded (schedule_watch.py) in the flow's group:
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
 from .engine import Engine
-from .schedule_watch import Due, Key, Poller, ScheduleRecorder
+from .logs import warn_limited
+from .schedule_watch import Due, Key, ScheduleRecorder
 
 FRAMEWORK = "prefect"
 #: Seconds between two reads of the API.
@@ -35,7 +38,7 @@ def _period(schedules: list[Any]) -> float | None:
     return max(periods) if periods else None
 
 
-def read(client: Any, pool: str, flow_names: dict[Any, str]) -> dict[Key, Due]:
+async def read(client: Any, pool: str, flow_names: dict[Any, str]) -> dict[Key, Due]:
     """The schedules of ``pool``'s deployments, by flow (``flow_names``: a cache
     of flow names by flow id, filled here)."""
     from prefect.client.schemas.filters import (
@@ -51,10 +54,10 @@ def read(client: Any, pool: str, flow_names: dict[Any, str]) -> dict[Key, Due]:
 
     by_flow: dict[str, list[Due]] = {}
     pools = WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))
-    for dep in client.read_deployments(work_pool_filter=pools):
+    for dep in await client.read_deployments(work_pool_filter=pools):
         name = flow_names.get(dep.flow_id)
         if name is None:
-            name = flow_names[dep.flow_id] = str(client.read_flow(dep.flow_id).name)
+            name = flow_names[dep.flow_id] = str((await client.read_flow(dep.flow_id)).name)
         schedules = list(dep.schedules or [])
         period = _period(schedules)
         if not schedules:
@@ -62,7 +65,7 @@ def read(client: Any, pool: str, flow_names: dict[Any, str]) -> dict[Key, Due]:
         elif dep.paused or not any(s.active for s in schedules):
             due = Due(None, period, paused=True)
         else:
-            runs = client.read_flow_runs(
+            runs = await client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
                     deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
                     state=FlowRunFilterState(
@@ -88,18 +91,16 @@ def _earliest(dues: list[Due]) -> Due:
     return Due(None, period, paused=any(d.paused for d in dues))
 
 
-def start(engine: Engine, pool: str) -> Poller:
-    """Start reading the schedules of ``pool``'s deployments (a worker calls it)."""
+async def poll(engine: Engine, client: Any, pool: str) -> None:
+    """Read and record ``pool``'s schedules every :data:`POLL` seconds, until
+    cancelled (the worker's teardown)."""
+    recorder = ScheduleRecorder(engine, FRAMEWORK)
     flow_names: dict[Any, str] = {}
-
-    def read_now() -> dict[Key, Due]:
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            return read(client, pool, flow_names)
-
-    poller = Poller(
-        ScheduleRecorder(engine, FRAMEWORK), read_now, POLL, "orchestrator-push-prefect-schedules"
-    )
-    poller.start()
-    return poller
+    while True:
+        try:
+            recorder.update(await read(client, pool, flow_names))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # an API hiccup: the next poll tries again
+            warn_limited("schedules-prefect", "orchestrator_push: could not read the schedules")
+        await asyncio.sleep(POLL)
