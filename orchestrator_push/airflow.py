@@ -158,6 +158,8 @@ def _note_dag_run_start(dag_run: Any) -> None:
         timeout=_limit(getattr(dag, "dagrun_timeout", None)),
         waited=max(at - due.timestamp(), 0.0) if due is not None else None,
     )
+    if _schedules is not None and os.getpid() == _scheduler_pid:
+        _schedules.wake()
 
 
 ROLE = "airflow-scheduler"

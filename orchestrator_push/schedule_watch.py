@@ -94,6 +94,9 @@ class ScheduleRecorder:
         )
 
 
+WAKE_GAP = 1.0  # seconds between two reads of a poller that is woken
+
+
 class Poller:
     """Reads a framework's schedules every ``poll`` seconds on a daemon thread
     and hands them to a :class:`ScheduleRecorder`."""
@@ -109,6 +112,7 @@ class Poller:
         self._read = read
         self._poll = poll
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -116,9 +120,18 @@ class Poller:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Read now, not at the next poll: a run just started, so its schedule
+        moved on. Pushed with the run's start, the next run is at the gateway
+        even if the scheduler dies a moment later (a next run still equal to
+        the start would never be missed)."""
+        self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             try:
                 self._recorder.update(self._read())
             except Exception:  # an API or database hiccup: the next poll tries again
@@ -127,4 +140,7 @@ class Poller:
                     "orchestrator_push: could not read the %s schedules",
                     self._recorder.framework,
                 )
-            self._stop.wait(self._poll)
+            # at most one read a second however many runs start (5,000 DAGs at
+            # midnight): a wake meanwhile is kept for the next read
+            if not self._stop.wait(min(WAKE_GAP, self._poll)):
+                self._wake.wait(max(self._poll - WAKE_GAP, 0.0))

@@ -12,10 +12,11 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from gateway import free_port, wait_ready
+from gateway import free_port, wait_ready, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deploy", "alertmanager", "alertmanager.yml")
@@ -125,3 +126,64 @@ class Alertmanager:
             self.proc.wait()
         self.log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- the detection matrix: cases, their arrival, the table ------------------------------
+
+
+@dataclass
+class Case:
+    """One failure made to happen, and the alerts it must raise."""
+
+    framework: str
+    failure: str
+    labels: dict[str, str]  # what the alerts of this case carry (job, flow, task, ...)
+    expected: dict[str, str]  # alertname -> receiver path
+    bound: float  # seconds from when the alert could first fire to its arrival
+    at: float = 0.0  # when it could first fire (unix time)
+
+
+def arrived(receiver: Receiver, case: Case) -> dict[str, float]:
+    """The case's alerts at the receiver: alertname -> first arrival, checked for
+    the receiver they were routed to."""
+    out = {}
+    for (name, labels), (path, at) in list(receiver.first.items()):
+        lab = dict(labels)
+        if all(lab.get(k) == v for k, v in case.labels.items()):
+            assert case.expected.get(name) in (None, path), (name, path, case)
+            out[name] = at
+    return out
+
+
+def await_cases(receiver: Receiver, cases: list[Case], check: Any = None) -> None:
+    """Wait for each case's expected alerts, up to its bound (and 5 s) past ``at``.
+    ``check`` (a function) is called while waiting: a component that died says so."""
+    for case in cases:
+        def done(case: Case = case) -> bool:
+            if check is not None:
+                check()
+            return set(arrived(receiver, case)) >= set(case.expected)
+
+        wait_until(done, case.at - time.time() + case.bound + 5, interval=0.5,
+                   what=f"{case.framework} {case.failure}: {sorted(case.expected)}")
+
+
+def matrix_table(receiver: Receiver, cases: list[Case]) -> str:
+    """Assert that every alert at the receiver is one a case expects, that each
+    case got exactly its alerts within its bound; the table of failure x
+    framework -> alert and seconds to arrive."""
+    for (name, labels), _ in list(receiver.first.items()):
+        lab = dict(labels)
+        assert any(name in c.expected and all(lab.get(k) == v for k, v in c.labels.items())
+                   for c in cases), f"unexpected alert {name} {lab}"
+    lines = ["| failure | framework | alert (receiver) | seconds to arrive, from when "
+             "it could first fire |", "|---|---|---|---|"]
+    for case in cases:
+        got = arrived(receiver, case)
+        assert set(got) == set(case.expected), (case.framework, case.failure, got)
+        for name, path in case.expected.items():
+            seconds = got[name] - case.at
+            assert seconds <= case.bound, (case.framework, case.failure, name, seconds)
+            lines.append(f"| {case.failure} | {case.framework} | {name} ({path.strip('/')}) "
+                         f"| {seconds:.1f} |")
+    return "\n".join(lines)

@@ -83,6 +83,18 @@ class Pushgateway:
         with urllib.request.urlopen(req, timeout=5, context=self.context) as r:
             return r.read()  # type: ignore[no-any-return]
 
+    def next_run(self, job: str, flow: str) -> tuple[float | None, float | None]:
+        """A flow's next run and schedule grace, as Prometheus scrapes them from
+        ``/metrics`` (a removed next run is absent there)."""
+        due = grace = None
+        for line in self.get("/metrics").decode().splitlines():
+            if f'flow="{flow}"' in line and f'job="{job}"' in line:
+                if line.startswith("orchestrator_flow_next_run_timestamp_seconds{"):
+                    due = float(line.rsplit(" ", 1)[1])
+                elif line.startswith("orchestrator_flow_schedule_grace_seconds{"):
+                    grace = float(line.rsplit(" ", 1)[1])
+        return due, grace
+
     def groups(self) -> list[Group]:
         """Every group the gateway holds, from ``/api/v1/metrics``."""
         data = json.loads(self.get("/api/v1/metrics"))["data"]

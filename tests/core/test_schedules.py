@@ -16,6 +16,7 @@ from test_exec import cli, run
 
 from orchestrator_push.config import ConfigError, load_config
 from orchestrator_push.engine import Engine
+from orchestrator_push.schedule_watch import Due, Key, Poller, ScheduleRecorder
 from orchestrator_push.schedules import parse_cron
 
 NS = "orchestrator"
@@ -251,3 +252,30 @@ def test_status_shows_the_next_run_and_the_expiry(pushgateway: Pushgateway) -> N
     rows = json.loads(admin(["status", "--json", "--job", "backup"], pushgateway.url).stdout)
     (task,) = [r for r in rows if r["task"] == "main"]
     assert task["next_run_timestamp"] == due and task["schedule_grace_seconds"] == 300
+
+
+def test_a_woken_poller_reads_at_once_not_at_its_next_poll(pushgateway: Pushgateway) -> None:
+    """A scheduler wakes its schedule reader when a run starts: the run's next
+    run reaches the gateway with its start, not a poll later."""
+    engine = Engine(load_config({"ORCHESTRATOR_PUSH_URL": pushgateway.url,
+                                 "ORCHESTRATOR_PUSH_INTERVAL": "0.1"}, spool_dir="off"))
+    now: dict[Key, Due] = {("nightly", None): Due(2000.0, period=60.0)}
+    reads = []
+
+    def read() -> dict[Key, Due]:
+        reads.append(time.monotonic())
+        return dict(now)
+
+    poller = Poller(ScheduleRecorder(engine, "airflow"), read, poll=3600.0, name="test-poller")
+    poller.start()
+    try:
+        wait_until(lambda: pushgateway.next_run("airflow", "nightly")[0] == 2000.0, 10,
+                   what="the first read at the gateway")
+        now[("nightly", None)] = Due(2060.0, period=60.0)
+        poller.wake()
+        wait_until(lambda: pushgateway.next_run("airflow", "nightly")[0] == 2060.0, 10,
+                   what="the woken read at the gateway")
+        assert len(reads) == 2
+    finally:
+        poller.stop()
+        engine.close(5)

@@ -11,6 +11,7 @@ the flow-run process before Prefect re-kills it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -269,18 +270,6 @@ def test_the_worker_pushes_its_liveness(deployment: Deployment) -> None:
     assert nodes == [{"job": "prefect", "instance": WORKER}], nodes
 
 
-def _next_run(d: Deployment) -> tuple[float | None, float | None]:
-    """deployed-scheduled's next run and grace, as Prometheus scrapes the gateway."""
-    due = grace = None
-    for line in d.gw.get("/metrics").decode().splitlines():
-        if 'flow="deployed-scheduled"' in line and 'job="prefect"' in line:
-            if line.startswith(f"{NS}_flow_next_run_timestamp_seconds{{"):
-                due = float(line.rsplit(" ", 1)[1])
-            elif line.startswith(f"{NS}_flow_schedule_grace_seconds{{"):
-                grace = float(line.rsplit(" ", 1)[1])
-    return due, grace
-
-
 def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
         deployment: Deployment) -> None:
     from datetime import datetime, timedelta, timezone
@@ -315,22 +304,23 @@ def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
     expected = wait_until(earliest, 60, interval=0.5,
                           what=f"Prefect to schedule the run; server log:\n{d.log('server.log')}")
     assert expected == anchor.timestamp()  # Prefect's own record: the schedule's first date
-    wait_until(lambda: _next_run(d)[0] is not None, 60, interval=0.5,
+    next_run = functools.partial(d.gw.next_run, "prefect", "deployed-scheduled")
+    wait_until(lambda: next_run()[0] is not None, 60, interval=0.5,
                what="the next run at the gateway")
-    assert _next_run(d) == (expected, 300.0)
+    assert next_run() == (expected, 300.0)
 
     with d.client() as client:
         client.pause_deployment(dep.id)
     try:
-        wait_until(lambda: _next_run(d)[0] is None, 60, interval=0.5,
+        wait_until(lambda: next_run()[0] is None, 60, interval=0.5,
                    what="the paused deployment's next run gone")
-        assert _next_run(d) == (None, 300.0)  # the grace stays: it has a schedule
+        assert next_run() == (None, 300.0)  # the grace stays: it has a schedule
     finally:
         with d.client() as client:
             client.resume_deployment(dep.id)
-    wait_until(lambda: _next_run(d)[0] is not None, 60, interval=0.5,
+    wait_until(lambda: next_run()[0] is not None, 60, interval=0.5,
                what="the next run back after resuming")
-    assert _next_run(d) == (expected, 300.0)
+    assert next_run() == (expected, 300.0)
 
 
 def test_a_deployment_run_reports_its_lateness(deployment: Deployment) -> None:
