@@ -88,9 +88,10 @@ def airflow(session: nox.Session, airflow: str) -> None:
     # Airflow 3 keeps PythonOperator in the standard provider; 2.10 in its core.
     extra = [] if airflow.startswith("2.") else ["apache-airflow-providers-standard"]
     session.install("-e", ".[dev]", f"apache-airflow=={airflow}.*", *extra)
-    # The real-scheduler tests (minutes) run once per Airflow version, as Prefect's
-    # deployment tests do: the Python version changes nothing they exercise.
-    skip = ["--ignore=tests/airflow/test_deployment.py"] if session.python != "3.11" else []
+    # The real-scheduler tests and the detection matrix (minutes) run once per
+    # Airflow version, as Prefect's do: the Python version changes nothing they exercise.
+    skip = ([f"--ignore=tests/airflow/{t}.py" for t in ("test_deployment", "test_airflow_matrix")]
+            if session.python != "3.11" else [])
     session.run("pytest", "tests/airflow", *skip, *session.posargs)
 
 

@@ -16,10 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from gateway import free_port, wait_ready, wait_until
+from gateway import Prometheus, free_port, start, wait_ready, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "deploy", "alertmanager", "alertmanager.yml")
+#: what the matrix's Prometheus loads: the shipped rules and thresholds, and the
+#: matrix's own thresholds for its flows
+MATRIX_RULES = [*(os.path.join(ROOT, "deploy", "prometheus", f)
+                  for f in ("rules.yml", "thresholds.yml")),
+                os.path.join(ROOT, "tests", "matrix_limits.yml")]
 PLACEHOLDER = "http://alert-receiver.example:5001"
 
 
@@ -129,6 +134,23 @@ class Alertmanager:
 
 
 # -- the detection matrix: cases, their arrival, the table ------------------------------
+
+
+class AlertStack:
+    """A gateway, a Prometheus scraping it every second with the matrix's rules,
+    an Alertmanager with the shipped routes, and a receiver."""
+
+    def __init__(self, gateway_args: list[str] | None = None) -> None:
+        self.gw = start(extra_args=gateway_args)
+        self.receiver = Receiver()
+        self.am = Alertmanager(self.receiver.url)
+        self.prom = Prometheus(self.gw.url, MATRIX_RULES, alertmanager=self.am.url)
+
+    def stop(self) -> None:
+        self.prom.stop()
+        self.am.stop()
+        self.receiver.server.shutdown()
+        self.gw.stop()
 
 
 @dataclass

@@ -9,7 +9,7 @@ progress past its time limit: hung, and the worker gone), then our own outage:
 the gateway stopped for 40 s while an `exec` loop keeps running, then started
 again with its persistence file: one alert about the outage, none about the
 runs it hid. Schedules are compressed to seconds; the thresholds of the matrix's
-flows are in matrix_limits.yml. The table of failure x framework -> alert and
+flows are in tests/matrix_limits.yml. The table of failure x framework -> alert and
 seconds to arrive is printed at the end (`pytest -s` shows it).
 """
 
@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from alerting import Alertmanager, Case, Receiver, arrived, await_cases, matrix_table
-from gateway import Prometheus, Pushgateway, RedisServer, start, wait_until
+from alerting import AlertStack, Case, arrived, await_cases, matrix_table
+from gateway import Pushgateway, RedisServer, start, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -36,20 +36,15 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import story  # noqa: E402
 
 NS = "orchestrator"
-LIMITS = os.path.join(HERE, "matrix_limits.yml")
 
 pytestmark = pytest.mark.timeout(900)
 
 
-class Stack:
+class Stack(AlertStack):
     def __init__(self, tmp: str) -> None:
         self.tmp = tmp
         self.persistence = os.path.join(tmp, "pushgateway.data")
-        self.gw = start(extra_args=[f"--persistence.file={self.persistence}"])
-        self.receiver = Receiver()
-        self.am = Alertmanager(self.receiver.url)
-        self.prom = Prometheus(self.gw.url, [*story.RULE_FILES, LIMITS],
-                               alertmanager=self.am.url)
+        super().__init__([f"--persistence.file={self.persistence}"])
         self.redis = RedisServer()
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -85,10 +80,7 @@ class Stack:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
-        self.prom.stop()
-        self.am.stop()
-        self.receiver.server.shutdown()
-        self.gw.stop()
+        super().stop()
         self.redis.stop()
 
 
