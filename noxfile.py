@@ -75,9 +75,11 @@ def prefect(session: nox.Session, prefect: str) -> None:
     session.install("-e", ".[dev]", f"prefect=={prefect}.*", *pins)
     session.env.update({"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
-    # The deployment tests (a server, a worker, a serve process: minutes) run once
-    # per Prefect version; the Python version changes nothing they exercise.
-    skip = ["--ignore=tests/prefect/test_deployment.py"] if session.python != "3.11" else []
+    # The deployment tests and the detection matrix (a server, a worker, a serve
+    # process: minutes) run once per Prefect version; the Python version changes
+    # nothing they exercise.
+    skip = ([f"--ignore=tests/prefect/{t}.py" for t in ("test_deployment", "test_prefect_matrix")]
+            if session.python != "3.11" else [])
     session.run("pytest", "tests/prefect", *skip, *session.posargs)
 
 

@@ -17,21 +17,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from gateway import Pushgateway, free_port, running, wait_until
+from gateway import running, wait_until
 from prefect_api import task_runs
+from prefect_deployment import FLOWS, POOL, WORKER, Deployment, deploy, hold_pid, released
 
 NS = "orchestrator"
-FLOWS = os.path.join(os.path.dirname(__file__), "deployed")
-POOL = "orchestrator-tests"
-WORKER = "orchestrator-test-worker"
 DEPLOYMENTS = {
     "deployed-ok": "deployed_ok",
     "deployed-exit": "deployed_exit",
@@ -42,141 +38,14 @@ DEPLOYMENTS = {
     "deployed-counted": "deployed_counted",
     "deployed-scheduled": "deployed_scheduled",
 }
-SETUP = textwrap.dedent("""
-    import sys
-    from prefect import flow, get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=sys.argv[1], type="process"))
-    for name, attr in (pair.split("=") for pair in sys.argv[3:]):
-        broken = {"command": "/nonexistent/orchestrator-push-test"}  # the worker cannot start it
-        flow.from_source(source=sys.argv[2], entrypoint=f"deployed_flows.py:{attr}").deploy(
-            name="d", work_pool_name=sys.argv[1], print_next_steps=False,
-            job_variables=broken if attr == "deployed_unsubmittable" else {})
-""")
-
 pytestmark = pytest.mark.timeout(300)
-
-
-class Deployment:
-    def __init__(self, api: str, env: dict[str, str], gw: Pushgateway, tmp: str) -> None:
-        self.api, self.env, self.gw, self.tmp = api, env, gw, tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, *args: str, log: str, env: dict[str, str] | None = None,
-              argv: list[str] | None = None) -> subprocess.Popen[bytes]:
-        """``prefect *args`` (or ``argv``), in its own session, output to ``log``."""
-        command = argv or [os.path.join(os.path.dirname(sys.executable), "prefect"), *args]
-        with open(os.path.join(self.tmp, log), "wb") as out:
-            proc = subprocess.Popen(command, env=env or self.env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        with open(os.path.join(self.tmp, name), errors="replace") as f:
-            return f.read()[-4000:]
-
-    @contextlib.contextmanager
-    def client(self) -> Iterator[Any]:
-        from prefect import get_client
-        from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-        # the deployment's storage: where `task.delay()` leaves a task's parameters
-        storage = os.path.join(self.env["PREFECT_HOME"], "storage")
-        with temporary_settings({PREFECT_API_URL: self.api, PREFECT_LOCAL_STORAGE_PATH: storage}), \
-                get_client(sync_client=True) as client:
-            yield client
-
-    def run(self, flow: str, deployment: str = "d", **parameters: Any) -> Any:
-        """A new flow run of the flow's deployment; its id."""
-        with self.client() as client:
-            found = client.read_deployment_by_name(f"{flow}/{deployment}")
-            return client.create_flow_run_from_deployment(found.id, parameters=parameters).id
-
-    def read(self, run_id: Any) -> Any:
-        with self.client() as client:
-            return client.read_flow_run(run_id)
-
-    def final(self, run_id: Any) -> Any:
-        """The run once Prefect says it is final."""
-        def done() -> Any:
-            run = self.read(run_id)
-            return run if run.state is not None and run.state.is_final() else None
-
-        return wait_until(done, 180, interval=0.25,
-                          what=f"a final state; worker log:\n{self.log('worker.log')}")
-
-    def value(self, name: str, flow: str, task: str | None = None, **labels: str) -> float | None:
-        key = {"job": "prefect", "flow": flow, **({"task": task} if task else {})}
-        try:
-            return self.gw.group(**key).value(f"{NS}_{name}", **labels)
-        except KeyError:
-            return None
-
-    def wait_value(self, name: str, flow: str, task: str | None = None,
-                   expect: float | None = None, **labels: str) -> float:
-        def seen() -> float | None:
-            v = self.value(name, flow, task, **labels)
-            return v if v is not None and (expect is None or v == expect) else None
-
-        return float(wait_until(seen, 60, interval=0.1, what=f"{name} of {flow}"))
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
 
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         gw = stack.enter_context(contextlib.contextmanager(running)())
-        port = free_port()
-        api = f"http://127.0.0.1:{port}/api"
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PREFECT_", "ORCHESTRATOR_PUSH_"))}
-        env.update({
-            "PREFECT_HOME": os.path.join(tmp, "prefect"),
-            "PREFECT_API_URL": api,
-            "PREFECT_SERVER_API_HOST": "127.0.0.1",
-            "PREFECT_SERVER_API_PORT": str(port),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-            # scheduled runs are created within 2 s of a schedule (default 60)
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-            "PREFECT_PLUGINS_ENABLED": "1",
-            "ORCHESTRATOR_PUSH_URL": gw.url,
-            "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
-            "XDG_CACHE_HOME": os.path.join(tmp, "cache"),
-        })
-        d = Deployment(api, env, gw, tmp)
-        stack.callback(d.stop)
-        server = d.start("server", "start", log="server.log")
-
-        def healthy() -> bool:
-            assert server.poll() is None, d.log("server.log")
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    return bool(r.status == 200)
-            except OSError:
-                return False
-
-        wait_until(healthy, 120, interval=0.5, what="the Prefect server")
-        setup = subprocess.run(
-            [sys.executable, "-c", SETUP, POOL, FLOWS,
-             *(f"{k}={v}" for k, v in DEPLOYMENTS.items())],
-            env=env, capture_output=True, text=True, timeout=120)
-        assert setup.returncode == 0, setup.stderr[-3000:]
-        d.start("worker", "start", "--pool", POOL, "--name", WORKER, log="worker.log")
-        yield d
+        yield from deploy(gw, tmp, DEPLOYMENTS)
 
 
 def worker_value(d: Deployment, name: str, worker: str = WORKER,
@@ -215,23 +84,6 @@ def served(deployment: Deployment) -> str:
         return None
 
     return str(wait_until(runner, 60, interval=0.1, what="the runner's liveness"))
-
-
-def released(d: Deployment) -> tuple[str, str]:
-    """A path for a `hold` task to wait for, and where it says its pid."""
-    path = os.path.join(d.tmp, uuid.uuid4().hex)
-    return path, path + ".pid"
-
-
-def hold_pid(pid_file: str) -> int:
-    def written() -> int | None:
-        try:
-            with open(pid_file) as f:
-                return int(f.read())
-        except (OSError, ValueError):
-            return None
-
-    return int(wait_until(written, 180, interval=0.1, what="the flow-run process"))
 
 
 def assert_final(d: Deployment, flow: str, run: Any, status: str) -> None:

@@ -129,3 +129,30 @@ def deployed_counted(mark: str, path: str = "") -> None:
 def deployed_scheduled() -> None:
     """Scheduled an hour ahead by the test: never run."""
     step(1)
+
+
+# The detection matrix's flows (tests/prefect/test_prefect_matrix.py)
+@flow(name="m-prefect-failed")
+def m_prefect_failed() -> None:
+    step(1)
+    raise ValueError("m-prefect-failed fails, as planned")
+
+
+@flow(name="m-prefect-hung", timeout_seconds=3)
+def m_prefect_hung(path: str) -> None:
+    hold(path)
+
+
+@flow(name="m-prefect-vanish")
+def m_prefect_vanish(path: str) -> None:
+    hold(path)
+
+
+@flow(name="m-prefect-cancel")
+def m_prefect_cancel(path: str) -> None:
+    hold(path)
+
+
+@flow(name="m-prefect-every30")
+def m_prefect_every30() -> None:
+    step(1)
