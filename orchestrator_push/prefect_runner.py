@@ -35,6 +35,7 @@ from typing import Any
 from . import after_import, runtime
 from .logs import never_raises, warn_limited
 from .records import CANCELLED, CRASHED, FlowRecord
+from .schedule_watch import ScheduleRecorder
 
 FRAMEWORK = "prefect"
 WORKER_ROLE = "prefect-worker"
@@ -48,8 +49,10 @@ _RUNNER = "prefect.runner.runner"
 _originals: dict[tuple[str, str, str], Callable[..., Any]] = {}
 _flow_names: dict[Any, str] = {}  # flow id -> name, bounded
 _workers_runners: weakref.WeakSet[Any] = weakref.WeakSet()  # started by a worker: no node
-#: each worker's task that reads its work pool's deployment schedules
-_schedules: weakref.WeakKeyDictionary[Any, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+#: each worker's (runner's) task that reads its deployments' schedules, and its recorder
+_schedules: weakref.WeakKeyDictionary[Any, tuple[asyncio.Task[None], ScheduleRecorder]] = (
+    weakref.WeakKeyDictionary()
+)
 #: How many callers up to look for a worker starting a runner.
 _OWNER_DEPTH = 8
 
@@ -241,27 +244,46 @@ def _register(obj: Any, role: str) -> None:
     if engine is None:
         return
     engine.register_node(_node(obj), FRAMEWORK, role)
-    pool = getattr(obj, "_work_pool_name", None)
     client = getattr(obj, "_client", None)
-    if (
-        role == WORKER_ROLE
-        and isinstance(pool, str)
-        and client is not None
-        and obj not in _schedules
-    ):
+    selection = _selection(obj, role)
+    if selection is not None and client is not None and obj not in _schedules:
         from . import prefect_schedules
 
-        # on the worker's own loop (setup runs on it), with its client
-        _schedules[obj] = asyncio.get_running_loop().create_task(
-            prefect_schedules.poll(engine, client, pool)
+        recorder = prefect_schedules.recorder(engine)
+        # on its own loop (setup and __aenter__ run on it), with its own client
+        task = asyncio.get_running_loop().create_task(
+            prefect_schedules.poll(recorder, client, selection)
         )
+        _schedules[obj] = (task, recorder)
+
+
+def _selection(obj: Any, role: str) -> str | Callable[[], list[Any]] | None:
+    """Whose schedules: a worker's work pool; a runner's own deployments (Prefect
+    3.9 keeps them in a registry, 3.8 in a set)."""
+    if role == WORKER_ROLE:
+        pool = getattr(obj, "_work_pool_name", None)
+        return pool if isinstance(pool, str) else None
+    get_ids = getattr(getattr(obj, "_deployment_registry", None), "get_deployment_ids", None)
+    if callable(get_ids):
+        return lambda: list(get_ids())
+    if isinstance(getattr(obj, "_deployment_ids", None), set):
+        return lambda: list(obj._deployment_ids)
+    warn_limited(
+        "prefect-runner-deployments",
+        "orchestrator_push: this Prefect runner keeps its deployments where this"
+        " version does not look; their next runs are not pushed",
+    )
+    return None
 
 
 @never_raises
 def _unregister(obj: Any) -> None:
     polling = _schedules.pop(obj, None)
     if polling is not None:
-        polling.cancel()
+        task, recorder = polling
+        task.cancel()
+        if getattr(obj, "pause_on_shutdown", False) is True:  # (a runner: it pauses them now)
+            recorder.pause_all()
     if obj in _workers_runners:
         return
     engine = runtime.get_engine()

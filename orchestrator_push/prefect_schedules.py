@@ -1,21 +1,28 @@
-"""Prefect: when each deployment's next scheduled run is due, from the worker.
+"""Prefect: when each deployment's next scheduled run is due, from the worker
+or the ``serve`` runner that runs it.
 
-A task on the event loop of ``prefect worker start``, with the worker's own API
-client (no thread, no client of its own), asks every :data:`POLL` seconds for
-the deployments of the worker's work pool, and for each one with
-an active schedule, its earliest flow run in a SCHEDULED state (Scheduled, or
-Late once it is overdue: Prefect's scheduler service creates the runs ahead of
-time). What changed is recorded (schedule_watch.py) in the flow's group:
+A task on the event loop of ``prefect worker start`` (or of ``flow.serve()``'s
+runner), with its own API client (no thread, no client of its own), asks every
+:data:`POLL` seconds for the deployments of the worker's work pool (the
+runner's own deployments), and for each one with an active schedule, its
+earliest flow run in a SCHEDULED state (Scheduled, or Late once it is overdue:
+Prefect's scheduler service creates the runs ahead of time). What changed is
+recorded (schedule_watch.py) in the flow's group:
 
 - the earliest scheduled run of any of the flow's deployments;
 - a deployment that is paused, or whose schedules are all paused: no next run
   (removed from the gateway), the grace kept;
 - no schedule at all: nothing (a next run pushed earlier is removed).
+
+A runner that stops cleanly pauses its deployments' schedules (Prefect's
+``pause_on_shutdown``, the default of ``serve``): its next runs are removed
+then, as for a schedule paused by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -38,23 +45,46 @@ def _period(schedules: list[Any]) -> float | None:
     return max(periods) if periods else None
 
 
-async def read(client: Any, pool: str, flow_names: dict[Any, str]) -> dict[Key, Due]:
-    """The schedules of ``pool``'s deployments, by flow (``flow_names``: a cache
-    of flow names by flow id, filled here)."""
+#: Which deployments: a work pool's name, or a runner's deployment ids (read at
+#: each poll: a runner may add deployments after it started)
+Selection = str | Callable[[], list[Any]]
+
+
+async def _deployments(client: Any, selection: Selection) -> list[Any]:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+
+    if isinstance(selection, str):
+        pools = WorkPoolFilter(name=WorkPoolFilterName(any_=[selection]))
+        return list(await client.read_deployments(work_pool_filter=pools))
+    ids = selection()
+    if not ids:
+        return []
+    return list(
+        await client.read_deployments(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids))
+        )
+    )
+
+
+async def read(client: Any, selection: Selection, flow_names: dict[Any, str]) -> dict[Key, Due]:
+    """The schedules of the selected deployments, by flow (``flow_names``: a
+    cache of flow names by flow id, filled here)."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterDeploymentId,
         FlowRunFilterState,
         FlowRunFilterStateType,
-        WorkPoolFilter,
-        WorkPoolFilterName,
     )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
 
     by_flow: dict[str, list[Due]] = {}
-    pools = WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))
-    for dep in await client.read_deployments(work_pool_filter=pools):
+    for dep in await _deployments(client, selection):
         name = flow_names.get(dep.flow_id)
         if name is None:
             name = flow_names[dep.flow_id] = str((await client.read_flow(dep.flow_id)).name)
@@ -91,14 +121,17 @@ def _earliest(dues: list[Due]) -> Due:
     return Due(None, period, paused=any(d.paused for d in dues))
 
 
-async def poll(engine: Engine, client: Any, pool: str) -> None:
-    """Read and record ``pool``'s schedules every :data:`POLL` seconds, until
-    cancelled (the worker's teardown)."""
-    recorder = ScheduleRecorder(engine, FRAMEWORK)
+def recorder(engine: Engine) -> ScheduleRecorder:
+    return ScheduleRecorder(engine, FRAMEWORK)
+
+
+async def poll(recorder: ScheduleRecorder, client: Any, selection: Selection) -> None:
+    """Read and record the selected schedules every :data:`POLL` seconds, until
+    cancelled (the worker's or the runner's teardown)."""
     flow_names: dict[Any, str] = {}
     while True:
         try:
-            recorder.update(await read(client, pool, flow_names))
+            recorder.update(await read(client, selection, flow_names))
         except asyncio.CancelledError:
             raise
         except Exception:  # an API hiccup: the next poll tries again

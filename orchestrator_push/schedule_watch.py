@@ -82,6 +82,11 @@ class ScheduleRecorder:
             self._sent[key] = due
             budget -= 1
 
+    def pause_all(self) -> None:
+        """Every schedule recorded is paused now (a Prefect runner that pauses
+        its deployments as it stops): next runs removed, graces kept."""
+        self.update({k: Due(None, v.period, paused=True) for k, v in self._sent.items()})
+
     def _record(self, key: Key, due: Due) -> None:
         grace = self.engine.config.schedule_grace
         self.engine.record_schedule(

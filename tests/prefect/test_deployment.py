@@ -175,6 +175,54 @@ def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
     assert next_run() == (expected, 300.0)
 
 
+def test_a_serve_runner_pushes_its_next_run_and_removes_it_when_it_stops(
+        deployment: Deployment) -> None:
+    """`serve()` schedules its flow; stopped with SIGTERM it pauses the schedule
+    (Prefect's pause_on_shutdown): its next run leaves the gateway, the grace
+    stays, and no missed run is alerted for a runner stopped on purpose."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    env = {k: v for k, v in deployment.env.items() if not k.startswith("PREFECT_PLUGINS_")}
+    proc = deployment.start(argv=[sys.executable, os.path.join(FLOWS, "served_scheduled.py")],
+                            env=env, log="served_scheduled.log")
+
+    def first_scheduled() -> float | None:  # Prefect's own record
+        assert proc.poll() is None, deployment.log("served_scheduled.log")
+        with deployment.client() as client:
+            try:
+                dep = client.read_deployment_by_name("served-scheduled/s")
+            except Exception:
+                return None
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(
+                        any_=[StateType.SCHEDULED]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+            return runs[0].expected_start_time.timestamp() if runs else None
+
+    expected = wait_until(first_scheduled, 120, interval=0.5,
+                          what=f"the served schedule's runs; log:\n"
+                               f"{deployment.log('served_scheduled.log')}")
+    next_run = functools.partial(deployment.gw.next_run, "prefect", "served-scheduled")
+    wait_until(lambda: next_run()[0] is not None, 60, interval=0.2,
+               what="the runner's push of the next run")
+    assert next_run() == (expected, 300.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, deployment.log("served_scheduled.log")
+    with deployment.client() as client:  # Prefect paused it
+        dep = client.read_deployment_by_name("served-scheduled/s")
+        assert dep.paused or not any(s.active for s in dep.schedules)
+    assert next_run() == (None, 300.0)
+
+
 def test_a_deployment_run_reports_its_lateness(deployment: Deployment) -> None:
     run = deployment.final(deployment.run("deployed-ok"))
     assert run.state.is_completed()

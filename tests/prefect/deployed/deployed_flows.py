@@ -156,3 +156,9 @@ def m_prefect_cancel(path: str) -> None:
 @flow(name="m-prefect-every30")
 def m_prefect_every30() -> None:
     step(1)
+
+
+@flow(name="served-scheduled")
+def served_scheduled() -> None:
+    """Served with a yearly schedule by served_scheduled.py: never run."""
+    step(1)
