@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from airflow import __version__ as AIRFLOW_VERSION
@@ -149,3 +150,8 @@ def deploy(url: str, extra: dict[str, str], dag_ids: tuple[str, ...],
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def airflow_time(text: str) -> float:
+    """A time as Airflow's REST API gives it."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

@@ -9,8 +9,10 @@ exactly its alerts must arrive, within a stated time:
   supervisor fails the try, which is reported as failed: nothing vanishes;
 - hung: the task's process is stopped (SIGSTOP: it hangs where its own time
   limit cannot reach it) past its execution_timeout;
-- missed and scheduler gone: the scheduler is SIGKILLed while a DAG runs every
-  30 s: its next run is missed, and the scheduler is not seen for 2 minutes.
+- late: the scheduler is stopped (SIGSTOP) across a due time of a DAG that runs
+  every 30 s until the run is missed, then resumed: the run starts late;
+- missed and scheduler gone: the scheduler is SIGKILLed: the DAG's next run is
+  missed, and the scheduler is not seen for 2 minutes.
 
 The table of failure -> alert and seconds to arrive is printed (`pytest -s`).
 """
@@ -24,7 +26,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from airflow_deployment import AIRFLOW_2, COMPONENTS, Deployment, deploy
+from airflow_deployment import AIRFLOW_2, COMPONENTS, Deployment, airflow_time, deploy
 from alerting import AlertStack, Case, await_cases, matrix_table
 from gateway import wait_until
 
@@ -118,26 +120,59 @@ def test_each_airflow_failure_raises_exactly_its_alert(
                           "m_hung")["stuck"]
     assert ti["state"] == "running"  # Airflow's own record: still running past its limit
 
-    # the scheduler killed just after m_every30 started a run (its next run pushed
-    # with the start): the next run is missed, and the scheduler is gone
-    def just_started() -> bool:
+    scheduler = d.procs[COMPONENTS.index(["scheduler"])]
+
+    def between_runs() -> float | None:
+        """m_every30's next run, once it is at the gateway after the last start
+        and more than 5 s ahead (the scheduler pushes it as a run starts)."""
         d.check_alive()
         due, _ = s.gw.next_run("airflow", "m_every30")
         start = _value(s, "flow_last_start_timestamp_seconds", "m_every30")
-        return due is not None and start is not None and due > start and time.time() < due - 5
-    wait_until(just_started, 60, interval=0.2, what="m_every30 between two runs")
-    scheduler = d.procs[COMPONENTS.index(["scheduler"])]
+        ok = due is not None and start is not None and due > start and time.time() < due - 5
+        return due if ok else None
+
+    # late: the scheduler stopped (SIGSTOP) across a due time until the run is
+    # missed, then resumed: the run starts late, and is no longer missed
+    due = wait_until(between_runs, 60, interval=0.2, what="m_every30 between two runs")
+    os.kill(scheduler.pid, signal.SIGSTOP)
+    stopped = time.time()
+    missed_late = Case("airflow", "late: missed while the scheduler is stopped",
+                       {"flow": "m_every30", "alertname": "OrchestratorFlowMissed"},
+                       {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=stopped)
+    try:
+        await_cases(s.receiver, [missed_late])
+    finally:
+        os.kill(scheduler.pid, signal.SIGCONT)
+    # it can fire once the late run's start (and how late) is at the gateway
+    started_late = wait_until(lambda: (v := _value(s, "flow_last_start_timestamp_seconds", "m_every30")) is not None and v > due and v,
+                              60, interval=0.2, what="the late run's start")
+    late = Case("airflow", "late: started once the scheduler resumed",
+                {"flow": "m_every30", "alertname": "OrchestratorFlowLate"},
+                {"OrchestratorFlowLate": "/chat"}, 20, at=started_late, since=stopped)
+    await_cases(s.receiver, [late], check=d.check_alive)
+    run = d.api("GET", "/dags/m_every30/dagRuns?order_by=-run_after&limit=1")["dag_runs"][0]
+    delay = _value(s, "flow_last_start_delay_seconds", "m_every30")  # Airflow's own record:
+    assert delay == pytest.approx(airflow_time(run["start_date"]) - airflow_time(run["run_after"]),
+                                  abs=1e-3)
+    assert delay > GRACE
+    # the run of the due time that was pushed (a run created late was seen with
+    # a run_after 0.4 s after the DAG's next_dagrun_create_after, read before)
+    assert abs(airflow_time(run["run_after"]) - due) < 1
+
+    # the scheduler killed between two runs of m_every30 (its next run pushed
+    # with the start): the next run is missed, and the scheduler is gone
+    due = wait_until(between_runs, 60, interval=0.2, what="m_every30 between two runs")
     os.killpg(scheduler.pid, signal.SIGKILL)  # and its executor's workers
     scheduler.wait(10)
     killed = time.time()
-    due, grace = s.gw.next_run("airflow", "m_every30")
-    assert due is not None and grace == GRACE
-    missed = Case("airflow", "missed (scheduler killed)", {"flow": "m_every30"},
-                  {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE)
+    assert s.gw.next_run("airflow", "m_every30") == (due, GRACE)
+    missed = Case("airflow", "missed (scheduler killed)",
+                  {"flow": "m_every30", "alertname": "OrchestratorFlowMissed"},
+                  {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=killed)
     gone = Case("airflow", "scheduler gone", {"job": "airflow",
                                               "alertname": "OrchestratorWorkerDown"},
                 {"OrchestratorWorkerDown": "/pager"}, 40, at=killed + 120)
-    cases = [failed, vanished, hung, missed, gone]
+    cases = [failed, vanished, hung, missed_late, late, missed, gone]
     await_cases(s.receiver, [missed, gone])
     table = matrix_table(s.receiver, cases)
     with capsys.disabled():

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
-from airflow_deployment import AIRFLOW_2, API, Deployment, deploy
+from airflow_deployment import AIRFLOW_2, API, Deployment, airflow_time, deploy
 from gateway import Pushgateway, running, wait_until
 
 NS = "orchestrator"
@@ -110,11 +110,11 @@ def test_a_state_set_by_hand_is_the_last_status_and_not_counted(
     assert run["state"] == "success"
     assert gw.group(job="airflow", flow="e2e").value(
         f"{NS}_flow_last_completion_timestamp_seconds") == pytest.approx(
-        _airflow_time(run["end_date"]), abs=1e-3)
+        airflow_time(run["end_date"]), abs=1e-3)
     g = gw.group(job="airflow", flow="e2e", task="hello")
     assert g.value(f"{NS}_task_last_status", status="success") == 1
     assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == pytest.approx(
-        _airflow_time(hello["end_date"]), abs=10)  # (the runner's own clock)
+        airflow_time(hello["end_date"]), abs=10)  # (the runner's own clock)
     # A task instance of the newest run marked failed.
     deployment.api("PATCH", f"/dags/e2e/dagRuns/{run_id}/taskInstances/hello",
                    {"new_state": "failed", **DRY_RUN})
@@ -130,7 +130,7 @@ def test_a_state_set_by_hand_is_the_last_status_and_not_counted(
     assert g.value(f"{NS}_task_last_attempt") == hello["try_number"]
     for name in ("completion", "failure"):
         assert g.value(f"{NS}_task_last_{name}_timestamp_seconds") == pytest.approx(
-            _airflow_time(hello["end_date"]), abs=1e-3)
+            airflow_time(hello["end_date"]), abs=1e-3)
     assert gw.counted("e2e") == counts  # nothing counted for any mark
 
 
@@ -138,10 +138,6 @@ def _db_time(text: str) -> float:
     """A time as Airflow's sqlite database keeps it (UTC)."""
     t = datetime.fromisoformat(text)
     return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _airflow_time(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
@@ -172,7 +168,7 @@ def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
     assert ti["state"] == "running"
     # Airflow 3's database keeps the start sent to its API, the runner its own
     # (seconds apart on 3.3); Airflow 2's are the same
-    assert abs(_airflow_time(ti["start_date"]) - start) <= 10
+    assert abs(airflow_time(ti["start_date"]) - start) <= 10
     queued = value("task_last_queued_duration_seconds", task="wait")
     if AIRFLOW_2:  # the scheduler's own record: queued to started
         with contextlib.closing(sqlite3.connect(os.path.join(deployment.home, "airflow.db"))) as db:
@@ -188,7 +184,7 @@ def test_a_running_task_and_dag_run_are_at_the_gateway_before_they_end(
     else:  # Airflow's own record: the run's start after its run_after
         run = deployment.api("GET", f"/dags/e2e_wait/dagRuns/{run_id}")
         assert delay == pytest.approx(
-            _airflow_time(run["start_date"]) - _airflow_time(run["run_after"]), abs=1e-3)
+            airflow_time(run["start_date"]) - airflow_time(run["run_after"]), abs=1e-3)
     open(deployment.env["E2E_RELEASE"], "w").close()
     wait_until(lambda: value("flow_last_completion_timestamp_seconds") is not None, timeout=240,
                interval=0.5, what="the DAG run's end")
@@ -226,7 +222,7 @@ def test_the_scheduler_pushes_each_dags_next_run_and_removes_it_while_paused(
         deployment: Deployment, gateway_for_deployment: Pushgateway) -> None:
     d, gw = deployment, gateway_for_deployment
     dag = d.api("GET", "/dags/e2e_scheduled")
-    expected = _airflow_time(dag["next_dagrun_create_after" if AIRFLOW_2
+    expected = airflow_time(dag["next_dagrun_create_after" if AIRFLOW_2
                                  else "next_dagrun_run_after"])
     # Airflow 2.10: the first data interval's end; 3: its start (a trigger timetable)
     assert expected == datetime(2030, 1, 1, 1 if AIRFLOW_2 else 0, tzinfo=timezone.utc).timestamp()
@@ -474,7 +470,7 @@ def test_a_reschedule_mode_sensor_is_in_progress_from_its_first_poke(
     # the duration Airflow records: 2.10 from the first poke, 3.x the last poke
     # (the runner's clock on 3.x: its start can be seconds after the database's)
     assert task.value(f"{NS}_task_last_duration_seconds") == pytest.approx(
-        _airflow_time(ti["end_date"]) - _airflow_time(ti["start_date"]),
+        airflow_time(ti["end_date"]) - airflow_time(ti["start_date"]),
         abs=1e-3 if AIRFLOW_2 else 10)
 
 

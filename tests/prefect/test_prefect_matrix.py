@@ -11,8 +11,10 @@ exactly its alerts must arrive, within a stated time:
   cancelled (no alert), and its task in progress crashed, as Prefect records
   it (the termination signal the cancel sends aborts it): a task alert;
 - hung: the flow-run process is stopped (SIGSTOP) past the flow's timeout;
-- missed and worker gone: the worker is SIGKILLed while a deployment runs every
-  30 s: its next run is missed, and the worker is not seen for 2 minutes.
+- late: the worker is stopped (SIGSTOP) across a due time of a deployment that
+  runs every 30 s until the run is missed, then resumed: the run starts late;
+- missed and worker gone: the worker is SIGKILLed: the deployment's next run
+  is missed, and the worker is not seen for 2 minutes.
 
 The table of failure -> alert and seconds to arrive is printed (`pytest -s`).
 """
@@ -24,6 +26,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 
 import pytest
 from alerting import AlertStack, Case, await_cases, matrix_table
@@ -119,25 +122,66 @@ def test_each_prefect_failure_raises_exactly_its_alert(
     await_cases(s.receiver, [failed, vanished, hung], check=alive)
     assert d.read(run_id).state.is_running()  # Prefect's own record: still running
 
-    # the worker killed between two runs of the scheduled deployment (its next run
-    # at the gateway): the next run is missed, and the worker is gone
-    def between_runs() -> bool:
+    def between_runs() -> float | None:
+        """m-prefect-every30's next run, once it is at the gateway after the
+        last start and more than 5 s ahead."""
         alive()
         due, _ = s.gw.next_run("prefect", "m-prefect-every30")
         start = d.value("flow_last_start_timestamp_seconds", "m-prefect-every30")
-        return due is not None and start is not None and due > start and time.time() < due - 5
-    wait_until(between_runs, 90, interval=0.2, what="m-prefect-every30 between two runs")
+        ok = due is not None and start is not None and due > start and time.time() < due - 5
+        return due if ok else None
+
+    # late: the worker stopped (SIGSTOP) across a due time until the run is
+    # missed, then resumed: the run starts late, and is no longer missed
+    due = wait_until(between_runs, 90, interval=0.2, what="m-prefect-every30 between two runs")
+    os.kill(worker.pid, signal.SIGSTOP)
+    stopped = time.time()
+    missed_late = Case("prefect", "late: missed while the worker is stopped",
+                       {"flow": "m-prefect-every30", "alertname": "OrchestratorFlowMissed"},
+                       {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=stopped)
+    try:
+        await_cases(s.receiver, [missed_late])
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    # it can fire once the late run's start (and how late) is at the gateway
+    started_late = wait_until(lambda: (v := d.value("flow_last_start_timestamp_seconds", "m-prefect-every30")) is not None and v > due and v,
+                              60, interval=0.2, what="the late run's start")
+    late = Case("prefect", "late: started once the worker resumed",
+                {"flow": "m-prefect-every30", "alertname": "OrchestratorFlowLate"},
+                {"OrchestratorFlowLate": "/chat"}, 20, at=started_late, since=stopped)
+    await_cases(s.receiver, [late], check=alive)
+    delay = d.value("flow_last_start_delay_seconds", "m-prefect-every30")
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterExpectedStartTime,
+    )
+
+    with d.client() as client:  # Prefect's own record of the run that was due
+        dep = client.read_deployment_by_name("m-prefect-every30/d")
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
+            expected_start_time=FlowRunFilterExpectedStartTime(
+                after_=datetime.fromtimestamp(due - 1, timezone.utc),
+                before_=datetime.fromtimestamp(due + 1, timezone.utc))))
+    assert delay == pytest.approx(
+        run.start_time.timestamp() - run.expected_start_time.timestamp(), abs=1e-3)
+    assert delay > GRACE
+
+    # the worker killed between two runs (its next run at the gateway): the
+    # next run is missed, and the worker is gone
+    due = wait_until(between_runs, 90, interval=0.2, what="m-prefect-every30 between two runs")
     os.killpg(worker.pid, signal.SIGKILL)  # and its flow-run processes
     worker.wait(10)
     killed = time.time()
-    due, grace = s.gw.next_run("prefect", "m-prefect-every30")
-    assert due is not None and grace == GRACE
-    missed = Case("prefect", "missed (worker killed)", {"flow": "m-prefect-every30"},
-                  {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE)
+    assert s.gw.next_run("prefect", "m-prefect-every30") == (due, GRACE)
+    missed = Case("prefect", "missed (worker killed)",
+                  {"flow": "m-prefect-every30", "alertname": "OrchestratorFlowMissed"},
+                  {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=killed)
     gone = Case("prefect", "worker gone", {"job": "prefect", "instance": WORKER,
                                            "alertname": "OrchestratorWorkerDown"},
                 {"OrchestratorWorkerDown": "/pager"}, 40, at=killed + 120)
-    cases = [failed, vanished, cancelled, hung, missed, gone]
+    cases = [failed, vanished, cancelled, hung, missed_late, late, missed, gone]
     await_cases(s.receiver, [missed, gone])
     table = matrix_table(s.receiver, cases)
     with capsys.disabled():
