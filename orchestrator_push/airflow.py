@@ -159,7 +159,7 @@ def _note_dag_run_start(dag_run: Any) -> None:
         waited=max(at - due.timestamp(), 0.0) if due is not None else None,
     )
     if _schedules is not None and os.getpid() == _scheduler_pid:
-        _schedules.wake()
+        _schedules.wake((str(dag_run.dag_id), None))
 
 
 ROLE = "airflow-scheduler"

@@ -4,7 +4,9 @@ A daemon thread of the scheduler reads Airflow's ``dag`` table every
 :data:`POLL` seconds, in a session of its own, one query of five columns
 (never on the scheduler's loop): ``next_dagrun_create_after`` is when the
 scheduler will create the DAG's next run (its ``run_after``), set by its
-timetable. What changed is recorded (schedule_watch.py):
+timetable. When a DAG run starts, the scheduler's listener wakes the thread,
+which reads that DAG's row at once (its next run moved on). What changed is
+recorded (schedule_watch.py):
 
 - a DAG with a next run: that time, and the grace;
 - a paused DAG: no next run (its series is removed from the gateway), the
@@ -16,6 +18,7 @@ timetable. What changed is recorded (schedule_watch.py):
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from .engine import Engine
@@ -26,8 +29,8 @@ FRAMEWORK = "airflow"
 POLL = 10.0
 
 
-def read(session: Any) -> dict[Key, Due]:
-    """Every active DAG's schedule, from ``session``."""
+def read(session: Any, dag_ids: Collection[str] | None = None) -> dict[Key, Due]:
+    """Every active DAG's schedule (or only those of ``dag_ids``), from ``session``."""
     from airflow.models.dag import DagModel
     from sqlalchemy import select
 
@@ -41,6 +44,8 @@ def read(session: Any) -> dict[Key, Due]:
         d.next_dagrun_data_interval_start,
         d.next_dagrun_data_interval_end,
     ).where(active)
+    if dag_ids is not None:
+        q = q.where(d.dag_id.in_(list(dag_ids)))
     out: dict[Key, Due] = {}
     for dag_id, paused, due, start, end in session.execute(q):
         if due is None:
@@ -53,13 +58,13 @@ def read(session: Any) -> dict[Key, Due]:
     return out
 
 
-def _read_now() -> dict[Key, Due]:
+def _read_now(keys: Collection[Key] | None = None) -> dict[Key, Due]:
     from airflow import settings
 
     sessions: Any = settings.Session  # (typed Optional: set once Airflow is configured)
     session = sessions.session_factory()
     try:
-        return read(session)
+        return read(session, None if keys is None else [flow for flow, _ in keys])
     finally:
         session.close()
 

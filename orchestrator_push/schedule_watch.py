@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .engine import Engine
@@ -50,19 +50,20 @@ class ScheduleRecorder:
         self._sent: dict[Key, Due] = {}
         self._sent_at = float("-inf")
 
-    def update(self, schedules: Mapping[Key, Due]) -> None:
+    def update(self, schedules: Mapping[Key, Due], partial: bool = False) -> None:
         """``schedules``: every schedule there is now; one that had a next run
-        and is gone (a deleted DAG, a removed beat entry) loses it. At most
+        and is gone (a deleted DAG, a removed beat entry) loses it (unless
+        ``partial``: only some schedules, read again). At most
         half the engine's group cap is recorded per call (a scheduler of
         thousands of DAGs at its first poll): the rest at the next calls, once
         those are delivered, so none is dropped at the cap."""
         now = time.monotonic()
-        if now - self._sent_at >= RESEND:
+        if not partial and now - self._sent_at >= RESEND:
             self._sent_at = now
             # what is current is sent again; what is gone stays, to be removed
             self._sent = {k: v for k, v in self._sent.items() if k not in schedules}
         budget = max(1, self.engine.config.max_groups // 2)
-        for key in list(self._sent.keys() - schedules.keys()):
+        for key in [] if partial else list(self._sent.keys() - schedules.keys()):
             if budget <= 0:
                 return
             was = self._sent.pop(key)
@@ -100,6 +101,7 @@ class ScheduleRecorder:
 
 
 WAKE_GAP = 1.0  # seconds between two reads of a poller that is woken
+WOKEN_MAX = 10_000  # schedules woken between two reads, at most
 
 
 class Poller:
@@ -109,15 +111,19 @@ class Poller:
     def __init__(
         self,
         recorder: ScheduleRecorder,
-        read: Callable[[], Mapping[Key, Due]],
+        read: Callable[[Collection[Key] | None], Mapping[Key, Due]],
         poll: float,
         name: str,
     ) -> None:
+        """``read(None)``: every schedule; ``read(keys)``: only those."""
         self._recorder = recorder
         self._read = read
         self._poll = poll
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._woken: set[Key] = set()  # read these at once (bounded: see wake)
+        self._woken_lock = threading.Lock()
+        self._next_full = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -127,18 +133,30 @@ class Poller:
         self._stop.set()
         self._wake.set()
 
-    def wake(self) -> None:
-        """Read now, not at the next poll: a run just started, so its schedule
-        moved on. Pushed with the run's start, the next run is at the gateway
-        even if the scheduler dies a moment later (a next run still equal to
-        the start would never be missed)."""
+    def wake(self, key: Key) -> None:
+        """Read ``key``'s schedule now, not at the next poll: a run just
+        started, so its schedule moved on. Pushed with the run's start, the
+        next run is at the gateway even if the scheduler dies a moment later
+        (a next run still equal to the start would never be missed). Only the
+        woken schedules are read (thousands of DAGs: one row each, not the
+        table), and no more than one read a second."""
+        with self._woken_lock:
+            if len(self._woken) < WOKEN_MAX:  # (beyond: the next full read has them)
+                self._woken.add(key)
         self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
+            with self._woken_lock:
+                woken, self._woken = self._woken, set()
+            full = time.monotonic() >= self._next_full
             try:
-                self._recorder.update(self._read())
+                if full:
+                    self._next_full = time.monotonic() + self._poll
+                    self._recorder.update(self._read(None))
+                elif woken:
+                    self._recorder.update(self._read(woken), partial=True)
             except Exception:  # an API or database hiccup: the next poll tries again
                 warn_limited(
                     f"schedules-{self._recorder.framework}",
@@ -148,4 +166,4 @@ class Poller:
             # at most one read a second however many runs start (5,000 DAGs at
             # midnight): a wake meanwhile is kept for the next read
             if not self._stop.wait(min(WAKE_GAP, self._poll)):
-                self._wake.wait(max(self._poll - WAKE_GAP, 0.0))
+                self._wake.wait(max(self._next_full - time.monotonic(), 0.0))

@@ -8,6 +8,7 @@ import json
 import subprocess
 import time
 import urllib.request
+from collections.abc import Collection
 from datetime import datetime, timezone
 
 import pytest
@@ -254,17 +255,19 @@ def test_status_shows_the_next_run_and_the_expiry(pushgateway: Pushgateway) -> N
     assert task["next_run_timestamp"] == due and task["schedule_grace_seconds"] == 300
 
 
-def test_a_woken_poller_reads_at_once_not_at_its_next_poll(pushgateway: Pushgateway) -> None:
-    """A scheduler wakes its schedule reader when a run starts: the run's next
-    run reaches the gateway with its start, not a poll later."""
+def test_a_woken_poller_reads_that_schedule_at_once_not_at_its_next_poll(
+        pushgateway: Pushgateway) -> None:
+    """A scheduler wakes its schedule reader when a run starts: that DAG's next
+    run is read alone, and reaches the gateway with the start, not a poll later."""
     engine = Engine(load_config({"ORCHESTRATOR_PUSH_URL": pushgateway.url,
                                  "ORCHESTRATOR_PUSH_INTERVAL": "0.1"}, spool_dir="off"))
-    now: dict[Key, Due] = {("nightly", None): Due(2000.0, period=60.0)}
-    reads = []
+    now: dict[Key, Due] = {("nightly", None): Due(2000.0, period=60.0),
+                           ("hourly", None): Due(5000.0, period=3600.0)}
+    reads: list[list[Key] | None] = []
 
-    def read() -> dict[Key, Due]:
-        reads.append(time.monotonic())
-        return dict(now)
+    def read(keys: Collection[Key] | None) -> dict[Key, Due]:
+        reads.append(None if keys is None else sorted(keys, key=str))
+        return {k: v for k, v in now.items() if keys is None or k in keys}
 
     poller = Poller(ScheduleRecorder(engine, "airflow"), read, poll=3600.0, name="test-poller")
     poller.start()
@@ -272,10 +275,12 @@ def test_a_woken_poller_reads_at_once_not_at_its_next_poll(pushgateway: Pushgate
         wait_until(lambda: pushgateway.next_run("airflow", "nightly")[0] == 2000.0, 10,
                    what="the first read at the gateway")
         now[("nightly", None)] = Due(2060.0, period=60.0)
-        poller.wake()
+        poller.wake(("nightly", None))
         wait_until(lambda: pushgateway.next_run("airflow", "nightly")[0] == 2060.0, 10,
                    what="the woken read at the gateway")
-        assert len(reads) == 2
+        assert reads == [None, [("nightly", None)]]
+        # the schedules not read again stay as they were
+        assert pushgateway.next_run("airflow", "hourly")[0] == 5000.0
     finally:
         poller.stop()
         engine.close(5)

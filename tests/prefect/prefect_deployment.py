@@ -54,9 +54,21 @@ class Deployment:
         self.procs.append(proc)
         return proc
 
-    def log(self, name: str) -> str:
+    def wait_exit(self, proc: subprocess.Popen[bytes], log: str, timeout: float) -> int:
+        """``proc``'s exit code; if it has not exited after ``timeout`` s, its
+        threads' stacks (faulthandler, on SIGABRT) in the error."""
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            raise AssertionError(f"{log}: no exit within {timeout} s; its log and stacks:\n"
+                                 + self.log(log, 20000)) from None
+
+    def log(self, name: str, tail: int = 4000) -> str:
         with open(os.path.join(self.tmp, name), errors="replace") as f:
-            return f.read()[-4000:]
+            return f.read()[-tail:]
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
@@ -154,6 +166,8 @@ def deploy(gw: Pushgateway, tmp: str, deployments: dict[str, str],
         "ORCHESTRATOR_PUSH_URL": gw.url,
         "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
         "XDG_CACHE_HOME": os.path.join(tmp, "cache"),
+        # a process that hangs dumps every thread's stack on SIGABRT (wait_exit)
+        "PYTHONFAULTHANDLER": "1",
     })
     env.update(extra_env or {})
     d = Deployment(api, env, gw, tmp)

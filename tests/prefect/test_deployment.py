@@ -302,9 +302,7 @@ def test_a_worker_stopped_with_sigterm_says_it_is_down(deployment: Deployment) -
     wait_until(lambda: worker_value(deployment, "worker_up", name) == 1, 120, interval=0.1,
                what=f"the second worker's liveness; log:\n{deployment.log('worker2.log')}")
     proc.send_signal(signal.SIGTERM)
-    wait_until(lambda: proc.poll() is not None, 60, interval=0.1,
-               what=f"the worker to exit; its log:\n{deployment.log('worker2.log')}")
-    assert proc.returncode == 0, deployment.log("worker2.log")
+    assert deployment.wait_exit(proc, "worker2.log", 60) == 0, deployment.log("worker2.log")
     assert worker_value(deployment, "worker_up", name) == 0
     assert worker_value(deployment, "worker_up") == 1  # the first worker is untouched
 

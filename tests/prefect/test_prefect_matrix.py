@@ -12,7 +12,7 @@ exactly its alerts must arrive, within a stated time:
   it (the termination signal the cancel sends aborts it): a task alert;
 - hung: the flow-run process is stopped (SIGSTOP) past the flow's timeout;
 - late: the worker is stopped (SIGSTOP) across a due time of a deployment that
-  runs every 30 s until the run is missed, then resumed: the run starts late;
+  runs every 60 s until the run is missed, then resumed: the run starts late;
 - missed and worker gone: the worker is SIGKILLed: the deployment's next run
   is missed, and the worker is not seen for 2 minutes.
 
@@ -26,7 +26,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 
 import pytest
 from alerting import AlertStack, Case, await_cases, matrix_table
@@ -40,7 +39,7 @@ DEPLOYMENTS = {
     "m-prefect-hung": "m_prefect_hung",
     "m-prefect-vanish": "m_prefect_vanish",
     "m-prefect-cancel": "m_prefect_cancel",
-    "m-prefect-every30": "m_prefect_every30@30",
+    "m-prefect-every60": "m_prefect_every60@60",
 }
 
 pytestmark = pytest.mark.timeout(900)
@@ -71,8 +70,8 @@ def test_each_prefect_failure_raises_exactly_its_alert(
 
     # the scheduled deployment has run at least once
     wait_until(lambda: alive() or d.value("flow_last_success_timestamp_seconds",
-                                          "m-prefect-every30"), 120, interval=0.5,
-               what=f"a run of m-prefect-every30; worker log:\n{d.log('worker.log')}")
+                                          "m-prefect-every60"), 120, interval=0.5,
+               what=f"a run of m-prefect-every60; worker log:\n{d.log('worker.log')}")
 
     run = d.final(d.run("m-prefect-failed"))
     assert run.state.is_failed()  # Prefect's own record
@@ -123,60 +122,64 @@ def test_each_prefect_failure_raises_exactly_its_alert(
     assert d.read(run_id).state.is_running()  # Prefect's own record: still running
 
     def between_runs() -> float | None:
-        """m-prefect-every30's next run, once it is at the gateway after the
+        """m-prefect-every60's next run, once it is at the gateway after the
         last start and more than 5 s ahead."""
         alive()
-        due, _ = s.gw.next_run("prefect", "m-prefect-every30")
-        start = d.value("flow_last_start_timestamp_seconds", "m-prefect-every30")
+        due, _ = s.gw.next_run("prefect", "m-prefect-every60")
+        start = d.value("flow_last_start_timestamp_seconds", "m-prefect-every60")
         ok = due is not None and start is not None and due > start and time.time() < due - 5
         return due if ok else None
 
     # late: the worker stopped (SIGSTOP) across a due time until the run is
     # missed, then resumed: the run starts late, and is no longer missed
-    due = wait_until(between_runs, 90, interval=0.2, what="m-prefect-every30 between two runs")
+    due = wait_until(between_runs, 120, interval=0.2, what="m-prefect-every60 between two runs")
     os.kill(worker.pid, signal.SIGSTOP)
     stopped = time.time()
     missed_late = Case("prefect", "late: missed while the worker is stopped",
-                       {"flow": "m-prefect-every30", "alertname": "OrchestratorFlowMissed"},
+                       {"flow": "m-prefect-every60", "alertname": "OrchestratorFlowMissed"},
                        {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=stopped)
     try:
         await_cases(s.receiver, [missed_late])
     finally:
         os.kill(worker.pid, signal.SIGCONT)
-    # it can fire once the late run's start (and how late) is at the gateway
-    started_late = wait_until(lambda: (v := d.value("flow_last_start_timestamp_seconds", "m-prefect-every30")) is not None and v > due and v,
-                              60, interval=0.2, what="the late run's start")
+    # it can fire once the late run's start, and how late, is at the gateway
+    # (the deployment runs every 60 s: the next run starts long after it)
+    def late_start() -> tuple[float, float] | None:  # one read: the same push's values
+        alive()
+        try:
+            g = s.gw.group(job="prefect", flow="m-prefect-every60")
+            start = g.value("orchestrator_flow_last_start_timestamp_seconds")
+            delay = g.value("orchestrator_flow_last_start_delay_seconds")
+        except KeyError:
+            return None
+        return (start, delay) if start > due else None
+
+    started_late, delay = wait_until(late_start, 60, interval=0.1, what="the late run's start")
     late = Case("prefect", "late: started once the worker resumed",
-                {"flow": "m-prefect-every30", "alertname": "OrchestratorFlowLate"},
+                {"flow": "m-prefect-every60", "alertname": "OrchestratorFlowLate"},
                 {"OrchestratorFlowLate": "/chat"}, 20, at=started_late, since=stopped)
     await_cases(s.receiver, [late], check=alive)
-    delay = d.value("flow_last_start_delay_seconds", "m-prefect-every30")
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-        FlowRunFilterExpectedStartTime,
-    )
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
     with d.client() as client:  # Prefect's own record of the run that was due
-        dep = client.read_deployment_by_name("m-prefect-every30/d")
-        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
-            expected_start_time=FlowRunFilterExpectedStartTime(
-                after_=datetime.fromtimestamp(due - 1, timezone.utc),
-                before_=datetime.fromtimestamp(due + 1, timezone.utc))))
+        dep = client.read_deployment_by_name("m-prefect-every60/d")
+        (run,) = [r for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[dep.id])))
+            if r.expected_start_time.timestamp() == pytest.approx(due, abs=1e-3)]
+    assert run.start_time.timestamp() == pytest.approx(started_late, abs=1e-3)
     assert delay == pytest.approx(
         run.start_time.timestamp() - run.expected_start_time.timestamp(), abs=1e-3)
     assert delay > GRACE
 
     # the worker killed between two runs (its next run at the gateway): the
     # next run is missed, and the worker is gone
-    due = wait_until(between_runs, 90, interval=0.2, what="m-prefect-every30 between two runs")
+    due = wait_until(between_runs, 120, interval=0.2, what="m-prefect-every60 between two runs")
     os.killpg(worker.pid, signal.SIGKILL)  # and its flow-run processes
     worker.wait(10)
     killed = time.time()
-    assert s.gw.next_run("prefect", "m-prefect-every30") == (due, GRACE)
+    assert s.gw.next_run("prefect", "m-prefect-every60") == (due, GRACE)
     missed = Case("prefect", "missed (worker killed)",
-                  {"flow": "m-prefect-every30", "alertname": "OrchestratorFlowMissed"},
+                  {"flow": "m-prefect-every60", "alertname": "OrchestratorFlowMissed"},
                   {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=killed)
     gone = Case("prefect", "worker gone", {"job": "prefect", "instance": WORKER,
                                            "alertname": "OrchestratorWorkerDown"},

@@ -153,8 +153,8 @@ def m_prefect_cancel(path: str) -> None:
     hold(path)
 
 
-@flow(name="m-prefect-every30")
-def m_prefect_every30() -> None:
+@flow(name="m-prefect-every60")
+def m_prefect_every60() -> None:
     step(1)
 
 
