@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -9,6 +10,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import gateway
+
+# A test run started in the background by a non-interactive shell (`cmd &` in
+# a CI script) inherits SIGINT and SIGQUIT ignored, and so does every process
+# a test starts: an ignored signal stays ignored across exec. Prefect's worker
+# stops on SIGTERM by sending itself SIGINT; ignored, it never stops (seen in
+# CI). The processes the tests start get the dispositions a terminal gives.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture

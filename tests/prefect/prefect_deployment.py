@@ -60,10 +60,12 @@ class Deployment:
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            with open(f"/proc/{proc.pid}/status") as f:  # its signals: pending, blocked, ...
+                sigs = "".join(line for line in f if line.startswith(("Sig", "Shd")))
             proc.send_signal(signal.SIGABRT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-            raise AssertionError(f"{log}: no exit within {timeout} s; its log and stacks:\n"
+            raise AssertionError(f"{log}: no exit within {timeout} s; {sigs}its log and stacks:\n"
                                  + self.log(log, 20000)) from None
 
     def log(self, name: str, tail: int = 4000) -> str:
