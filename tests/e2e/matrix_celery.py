@@ -36,3 +36,12 @@ def tick() -> None:
 def stuck() -> None:
     """Started on the worker the test kills: it never finishes."""
     time.sleep(600)
+
+
+@app.task(name="matrix.victim")
+def victim(pid_file: str) -> None:
+    """Says its pool process's pid, then waits to be killed there."""
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(pid_file + ".tmp", pid_file)
+    time.sleep(600)

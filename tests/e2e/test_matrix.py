@@ -4,8 +4,9 @@ shipped rules, 1 s scrape and evaluation) and a real Alertmanager (the shipped
 routes and inhibit rules; group waits of 1 s), within a stated time.
 
 Rows: `exec` (failed, missed, late, hung, vanished) and Celery on a real Redis
-(a task that fails; beat stopped: missed; a worker SIGKILLed with a task in
-progress past its time limit: hung, and the worker gone), then our own outage:
+(a task that fails; a pool process SIGKILLed with a task in progress: reported
+failed by the main process; beat stopped: missed; a worker SIGKILLed with a
+task in progress past its time limit: hung, and the worker gone), then our own outage:
 the gateway stopped for 40 s while an `exec` loop keeps running, then started
 again with its persistence file: one alert about the outage, none about the
 runs it hid. Schedules are compressed to seconds; the thresholds of the matrix's
@@ -206,6 +207,26 @@ def celery_cases(s: Stack) -> list[Case]:
     assert subprocess.run([*send, "matrix.fail", "celery"], env=s.env(), cwd=HERE,
                           timeout=60).returncode == 0
 
+    # a pool process SIGKILLed (an OOM kill) with a task in progress: the main
+    # process reports the task failed (WorkerLostError); nothing vanishes
+    pid_file = os.path.join(s.tmp, "victim.pid")
+    assert subprocess.run([python, "-c", "import sys, matrix_celery as m; "
+                           "m.victim.apply_async((sys.argv[1],), queue='celery')", pid_file],
+                          env=s.env(), cwd=HERE, timeout=60).returncode == 0
+    def victim_pid() -> int | None:
+        alive()
+        try:
+            with open(pid_file) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return None
+
+    pid = wait_until(victim_pid, 60, what="matrix.victim running in a pool process")
+    os.kill(pid, signal.SIGKILL)
+    lost = Case("celery", "vanished (its pool process SIGKILLed)",
+                {"job": "m-celery", "task": "matrix.victim"},
+                {"OrchestratorTaskFailed": "/chat"}, 20, at=time.time())
+
     def ticked() -> bool:
         alive()
         return (gateway_value(s.gw, "task_last_start_timestamp_seconds", job="m-celery",
@@ -220,7 +241,7 @@ def celery_cases(s: Stack) -> list[Case]:
     missed = Case("celery", "missed", {"job": "m-celery", "task": "matrix.tick"},
                   {"OrchestratorTaskMissed": "/pager"}, 20)
     missed.at = due + 3
-    return [hung, gone, failed, missed]
+    return [hung, gone, failed, lost, missed]
 
 
 def beat_log_sent(s: Stack) -> int:
