@@ -19,6 +19,7 @@ The table of failure -> alert and seconds to arrive is printed (`pytest -s`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -78,7 +79,8 @@ def _pid(d: Deployment, pids: str, dag_id: str) -> int:
 
 
 def test_each_airflow_failure_raises_exactly_its_alert(
-        stack: tuple[AlertStack, Deployment, str], capsys: pytest.CaptureFixture[str]) -> None:
+        stack: tuple[AlertStack, Deployment, str], capsys: pytest.CaptureFixture[str],
+        request: pytest.FixtureRequest) -> None:
     s, d, pids = stack
     # the scheduled DAG runs at least once, and its next run is at the gateway
     wait_until(lambda: d.check_alive() or _value(s, "flow_last_success_timestamp_seconds",
@@ -110,6 +112,8 @@ def test_each_airflow_failure_raises_exactly_its_alert(
     stuck = _pid(d, pids, "m_hung")
     wait_until(lambda: _value(s, "task_timeout_seconds", "m_hung", "stuck") == 3, 60,
                interval=0.2, what="m_hung's start and time limit at the gateway")
+    # stopped, it lives in a session of its own: killed at the end, whatever happens
+    request.addfinalizer(lambda: _kill(stuck))
     os.kill(stuck, signal.SIGSTOP)
     started = _value(s, "task_last_start_timestamp_seconds", "m_hung", "stuck")
     assert started is not None
@@ -188,3 +192,8 @@ def test_each_airflow_failure_raises_exactly_its_alert(
     table = matrix_table(s.receiver, cases)
     with capsys.disabled():
         print("\n" + table)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

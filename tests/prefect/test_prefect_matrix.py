@@ -21,6 +21,7 @@ The table of failure -> alert and seconds to arrive is printed (`pytest -s`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -61,7 +62,8 @@ def stack() -> Iterator[tuple[AlertStack, Deployment]]:
 
 
 def test_each_prefect_failure_raises_exactly_its_alert(
-        stack: tuple[AlertStack, Deployment], capsys: pytest.CaptureFixture[str]) -> None:
+        stack: tuple[AlertStack, Deployment], capsys: pytest.CaptureFixture[str],
+        request: pytest.FixtureRequest) -> None:
     s, d = stack
     worker = d.procs[-1]  # the server, then the worker
 
@@ -115,6 +117,8 @@ def test_each_prefect_failure_raises_exactly_its_alert(
     started = d.wait_value("flow_last_start_timestamp_seconds", "m-prefect-hung",
                            expect=d.read(run_id).start_time.timestamp())
     assert d.value("flow_timeout_seconds", "m-prefect-hung") == 3
+    # stopped, it lives in a session of its own: killed at the end, whatever happens
+    request.addfinalizer(lambda: _kill(stuck))
     os.kill(stuck, signal.SIGSTOP)  # before its 3 s: nothing in it can stop it now
     hung = Case("prefect", "hung", {"flow": "m-prefect-hung"}, {"OrchestratorFlowHung": "/pager"},
                 20, at=max(started + 3 + 1, time.time()))  # its limit, then the matrix's grace
@@ -189,3 +193,8 @@ def test_each_prefect_failure_raises_exactly_its_alert(
     table = matrix_table(s.receiver, cases)
     with capsys.disabled():
         print("\n" + table)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
