@@ -3,15 +3,18 @@ receiver for it (the end-to-end tests' own)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -215,3 +218,97 @@ def matrix_table(receiver: Receiver, cases: list[Case]) -> str:
             lines.append(f"| {case.failure} | {case.framework} | {name} ({path.strip('/')}) "
                          f"| {seconds:.1f} |")
     return "\n".join(lines)
+
+
+def kill_at_end(request: Any, pid: int) -> None:
+    """SIGKILL ``pid`` when the test ends, whatever happens (a stopped process in
+    a session of its own outlives the process group the test stops)."""
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    request.addfinalizer(kill)
+
+
+@dataclass
+class ScheduledFlow:
+    """A flow that a framework's scheduler or worker process runs every few
+    seconds, its next run and start delay pushed to the stack's gateway, and the
+    late and missed runs made by stopping and killing that process."""
+
+    stack: AlertStack
+    framework: str
+    job: str
+    flow: str
+    grace: float
+    check: Callable[[], None]  # raises when a component died
+
+    def _values(self, *names: str) -> tuple[float, ...] | None:
+        try:  # one read: the values of one push
+            g = self.stack.gw.group(job=self.job, flow=self.flow)
+            return tuple(g.value(f"orchestrator_{n}") for n in names)
+        except KeyError:
+            return None
+
+    def between_runs(self, timeout: float) -> float:
+        """The next run, once it is at the gateway after the last start and more
+        than 5 s ahead."""
+        def due() -> float | None:
+            self.check()
+            next_run, _ = self.stack.gw.next_run(self.job, self.flow)
+            start = self._values("flow_last_start_timestamp_seconds")
+            ok = (next_run is not None and start is not None and next_run > start[0]
+                  and time.time() < next_run - 5)
+            return next_run if ok else None
+
+        return float(wait_until(due, timeout, interval=0.2, what=f"{self.flow} between two runs"))
+
+    def late(self, proc: subprocess.Popen[bytes], who: str,
+             timeout: float) -> tuple[list[Case], float, float, float]:
+        """``proc`` stopped (SIGSTOP) across a due time until the run is missed,
+        then resumed: the run starts late. The cases (missed while stopped, late
+        once started), the due time, and the late run's start and delay as the
+        gateway had them."""
+        due = self.between_runs(timeout)
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = time.time()
+        missed = Case(self.framework, f"late: missed while the {who} is stopped",
+                      {"flow": self.flow, "alertname": "OrchestratorFlowMissed"},
+                      {"OrchestratorFlowMissed": "/pager"}, 20, at=due + self.grace,
+                      since=stopped)
+        try:
+            await_cases(self.stack.receiver, [missed])
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
+        # it can fire once the late run's start, and how late, is at the gateway
+        def late_start() -> tuple[float, ...] | None:
+            self.check()
+            got = self._values("flow_last_start_timestamp_seconds",
+                               "flow_last_start_delay_seconds")
+            return got if got is not None and got[0] > due else None
+
+        started, delay = wait_until(late_start, 60, interval=0.1, what="the late run's start")
+        late = Case(self.framework, f"late: started once the {who} resumed",
+                    {"flow": self.flow, "alertname": "OrchestratorFlowLate"},
+                    {"OrchestratorFlowLate": "/chat"}, 20, at=started, since=stopped)
+        await_cases(self.stack.receiver, [late], check=self.check)
+        return [missed, late], due, started, delay
+
+    def killed(self, proc: subprocess.Popen[bytes], who: str, node: dict[str, str],
+               timeout: float) -> list[Case]:
+        """``proc`` SIGKILLed (with its process group) between two runs: the next
+        run is missed, and the node (its liveness labels) is gone."""
+        due = self.between_runs(timeout)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed = time.time()
+        assert self.stack.gw.next_run(self.job, self.flow) == (due, self.grace)
+        missed = Case(self.framework, f"missed ({who} killed)",
+                      {"flow": self.flow, "alertname": "OrchestratorFlowMissed"},
+                      {"OrchestratorFlowMissed": "/pager"}, 20, at=due + self.grace,
+                      since=killed)
+        gone = Case(self.framework, f"{who} gone", {**node, "alertname": "OrchestratorWorkerDown"},
+                    {"OrchestratorWorkerDown": "/pager"}, 40, at=killed + 120)
+        await_cases(self.stack.receiver, [missed, gone])
+        return [missed, gone]

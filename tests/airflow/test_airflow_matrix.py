@@ -19,7 +19,6 @@ The table of failure -> alert and seconds to arrive is printed (`pytest -s`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import tempfile
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 from airflow_deployment import AIRFLOW_2, COMPONENTS, Deployment, airflow_time, deploy
-from alerting import AlertStack, Case, await_cases, matrix_table
+from alerting import AlertStack, Case, ScheduledFlow, await_cases, kill_at_end, matrix_table
 from gateway import wait_until
 
 NS = "orchestrator"
@@ -113,7 +112,7 @@ def test_each_airflow_failure_raises_exactly_its_alert(
     wait_until(lambda: _value(s, "task_timeout_seconds", "m_hung", "stuck") == 3, 60,
                interval=0.2, what="m_hung's start and time limit at the gateway")
     # stopped, it lives in a session of its own: killed at the end, whatever happens
-    request.addfinalizer(lambda: _kill(stuck))
+    kill_at_end(request, stuck)
     os.kill(stuck, signal.SIGSTOP)
     started = _value(s, "task_last_start_timestamp_seconds", "m_hung", "stuck")
     assert started is not None
@@ -125,44 +124,8 @@ def test_each_airflow_failure_raises_exactly_its_alert(
     assert ti["state"] == "running"  # Airflow's own record: still running past its limit
 
     scheduler = d.procs[COMPONENTS.index(["scheduler"])]
-
-    def between_runs() -> float | None:
-        """m_every30's next run, once it is at the gateway after the last start
-        and more than 5 s ahead (the scheduler pushes it as a run starts)."""
-        d.check_alive()
-        due, _ = s.gw.next_run("airflow", "m_every30")
-        start = _value(s, "flow_last_start_timestamp_seconds", "m_every30")
-        ok = due is not None and start is not None and due > start and time.time() < due - 5
-        return due if ok else None
-
-    # late: the scheduler stopped (SIGSTOP) across a due time until the run is
-    # missed, then resumed: the run starts late, and is no longer missed
-    due = wait_until(between_runs, 60, interval=0.2, what="m_every30 between two runs")
-    os.kill(scheduler.pid, signal.SIGSTOP)
-    stopped = time.time()
-    missed_late = Case("airflow", "late: missed while the scheduler is stopped",
-                       {"flow": "m_every30", "alertname": "OrchestratorFlowMissed"},
-                       {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=stopped)
-    try:
-        await_cases(s.receiver, [missed_late])
-    finally:
-        os.kill(scheduler.pid, signal.SIGCONT)
-    # it can fire once the late run's start, and how late, is at the gateway
-    def late_start() -> tuple[float, float] | None:  # one read: the same push's values
-        d.check_alive()
-        try:
-            g = s.gw.group(job="airflow", flow="m_every30")
-            start = g.value("orchestrator_flow_last_start_timestamp_seconds")
-            delay = g.value("orchestrator_flow_last_start_delay_seconds")
-        except KeyError:
-            return None
-        return (start, delay) if start > due else None
-
-    started_late, delay = wait_until(late_start, 60, interval=0.1, what="the late run's start")
-    late = Case("airflow", "late: started once the scheduler resumed",
-                {"flow": "m_every30", "alertname": "OrchestratorFlowLate"},
-                {"OrchestratorFlowLate": "/chat"}, 20, at=started_late, since=stopped)
-    await_cases(s.receiver, [late], check=d.check_alive)
+    every30 = ScheduledFlow(s, "airflow", "airflow", "m_every30", GRACE, d.check_alive)
+    late, due, started_late, delay = every30.late(scheduler, "scheduler", 60)
     # Airflow's own record of the run that started then
     (run,) = [r for r in d.api("GET", "/dags/m_every30/dagRuns?limit=100")["dag_runs"]
               if r["start_date"] and airflow_time(r["start_date"]) == pytest.approx(
@@ -174,26 +137,10 @@ def test_each_airflow_failure_raises_exactly_its_alert(
     # a run_after 0.4 s after the DAG's next_dagrun_create_after, read before)
     assert abs(airflow_time(run["run_after"]) - due) < 1
 
-    # the scheduler killed between two runs of m_every30 (its next run pushed
-    # with the start): the next run is missed, and the scheduler is gone
-    due = wait_until(between_runs, 60, interval=0.2, what="m_every30 between two runs")
-    os.killpg(scheduler.pid, signal.SIGKILL)  # and its executor's workers
-    scheduler.wait(10)
-    killed = time.time()
-    assert s.gw.next_run("airflow", "m_every30") == (due, GRACE)
-    missed = Case("airflow", "missed (scheduler killed)",
-                  {"flow": "m_every30", "alertname": "OrchestratorFlowMissed"},
-                  {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=killed)
-    gone = Case("airflow", "scheduler gone", {"job": "airflow",
-                                              "alertname": "OrchestratorWorkerDown"},
-                {"OrchestratorWorkerDown": "/pager"}, 40, at=killed + 120)
-    cases = [failed, vanished, hung, missed_late, late, missed, gone]
-    await_cases(s.receiver, [missed, gone])
+    # the scheduler (and its executor's workers) killed between two runs (the
+    # next run is pushed with a run's start): the next run is missed
+    cases = [failed, vanished, hung, *late,
+             *every30.killed(scheduler, "scheduler", {"job": "airflow"}, 60)]
     table = matrix_table(s.receiver, cases)
     with capsys.disabled():
         print("\n" + table)
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)

@@ -89,6 +89,28 @@ class Deployment:
             found = client.read_deployment_by_name(f"{flow}/{deployment}")
             return client.create_flow_run_from_deployment(found.id, parameters=parameters).id
 
+    def earliest_scheduled(self, deployment: str) -> float | None:
+        """Prefect's own record: the expected start of the deployment's earliest
+        run in a SCHEDULED state (``flow/deployment``); None while there is none."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterDeploymentId,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with self.client() as client:
+            dep = client.read_deployment_by_name(deployment)
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(
+                        any_=[StateType.SCHEDULED]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
+        return runs[0].expected_start_time.timestamp() if runs else None
+
     def read(self, run_id: Any) -> Any:
         with self.client() as client:
             return client.read_flow_run(run_id)

@@ -126,15 +126,7 @@ def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
         deployment: Deployment) -> None:
     from datetime import datetime, timedelta, timezone
 
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.schedules import IntervalSchedule
-    from prefect.client.schemas.sorting import FlowRunSort
 
     d = deployment
     anchor = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=1)
@@ -143,17 +135,7 @@ def test_the_worker_pushes_the_next_scheduled_run_and_removes_it_while_paused(
         client.create_deployment_schedules(
             dep.id, [(IntervalSchedule(interval=timedelta(days=1), anchor_date=anchor), True)])
 
-    def earliest() -> float | None:
-        with d.client() as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(
-                        any_=[StateType.SCHEDULED]))),
-                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
-        return runs[0].expected_start_time.timestamp() if runs else None
-
-    expected = wait_until(earliest, 60, interval=0.5,
+    expected = wait_until(lambda: d.earliest_scheduled("deployed-scheduled/d"), 60, interval=0.5,
                           what=f"Prefect to schedule the run; server log:\n{d.log('server.log')}")
     assert expected == anchor.timestamp()  # Prefect's own record: the schedule's first date
     next_run = functools.partial(d.gw.next_run, "prefect", "deployed-scheduled")
@@ -180,14 +162,6 @@ def test_a_serve_runner_pushes_its_next_run_and_removes_it_when_it_stops(
     """`serve()` schedules its flow; stopped with SIGTERM it pauses the schedule
     (Prefect's pause_on_shutdown): its next run leaves the gateway, the grace
     stays, and no missed run is alerted for a runner stopped on purpose."""
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
 
     env = {k: v for k, v in deployment.env.items() if not k.startswith("PREFECT_PLUGINS_")}
     proc = deployment.start(argv=[sys.executable, os.path.join(FLOWS, "served_scheduled.py")],
@@ -195,18 +169,10 @@ def test_a_serve_runner_pushes_its_next_run_and_removes_it_when_it_stops(
 
     def first_scheduled() -> float | None:  # Prefect's own record
         assert proc.poll() is None, deployment.log("served_scheduled.log")
-        with deployment.client() as client:
-            try:
-                dep = client.read_deployment_by_name("served-scheduled/s")
-            except Exception:
-                return None
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(
-                        any_=[StateType.SCHEDULED]))),
-                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=1)
-            return runs[0].expected_start_time.timestamp() if runs else None
+        try:
+            return deployment.earliest_scheduled("served-scheduled/s")
+        except Exception:  # not deployed yet
+            return None
 
     expected = wait_until(first_scheduled, 120, interval=0.5,
                           what=f"the served schedule's runs; log:\n"

@@ -21,7 +21,6 @@ The table of failure -> alert and seconds to arrive is printed (`pytest -s`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import tempfile
@@ -29,7 +28,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from alerting import AlertStack, Case, await_cases, matrix_table
+from alerting import AlertStack, Case, ScheduledFlow, await_cases, kill_at_end, matrix_table
 from gateway import wait_until
 from prefect_api import task_runs
 from prefect_deployment import WORKER, Deployment, deploy, hold_pid, released
@@ -118,51 +117,16 @@ def test_each_prefect_failure_raises_exactly_its_alert(
                            expect=d.read(run_id).start_time.timestamp())
     assert d.value("flow_timeout_seconds", "m-prefect-hung") == 3
     # stopped, it lives in a session of its own: killed at the end, whatever happens
-    request.addfinalizer(lambda: _kill(stuck))
+    kill_at_end(request, stuck)
     os.kill(stuck, signal.SIGSTOP)  # before its 3 s: nothing in it can stop it now
     hung = Case("prefect", "hung", {"flow": "m-prefect-hung"}, {"OrchestratorFlowHung": "/pager"},
                 20, at=max(started + 3 + 1, time.time()))  # its limit, then the matrix's grace
     await_cases(s.receiver, [failed, vanished, hung], check=alive)
     assert d.read(run_id).state.is_running()  # Prefect's own record: still running
 
-    def between_runs() -> float | None:
-        """m-prefect-every60's next run, once it is at the gateway after the
-        last start and more than 5 s ahead."""
-        alive()
-        due, _ = s.gw.next_run("prefect", "m-prefect-every60")
-        start = d.value("flow_last_start_timestamp_seconds", "m-prefect-every60")
-        ok = due is not None and start is not None and due > start and time.time() < due - 5
-        return due if ok else None
-
-    # late: the worker stopped (SIGSTOP) across a due time until the run is
-    # missed, then resumed: the run starts late, and is no longer missed
-    due = wait_until(between_runs, 120, interval=0.2, what="m-prefect-every60 between two runs")
-    os.kill(worker.pid, signal.SIGSTOP)
-    stopped = time.time()
-    missed_late = Case("prefect", "late: missed while the worker is stopped",
-                       {"flow": "m-prefect-every60", "alertname": "OrchestratorFlowMissed"},
-                       {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=stopped)
-    try:
-        await_cases(s.receiver, [missed_late])
-    finally:
-        os.kill(worker.pid, signal.SIGCONT)
-    # it can fire once the late run's start, and how late, is at the gateway
-    # (the deployment runs every 60 s: the next run starts long after it)
-    def late_start() -> tuple[float, float] | None:  # one read: the same push's values
-        alive()
-        try:
-            g = s.gw.group(job="prefect", flow="m-prefect-every60")
-            start = g.value("orchestrator_flow_last_start_timestamp_seconds")
-            delay = g.value("orchestrator_flow_last_start_delay_seconds")
-        except KeyError:
-            return None
-        return (start, delay) if start > due else None
-
-    started_late, delay = wait_until(late_start, 60, interval=0.1, what="the late run's start")
-    late = Case("prefect", "late: started once the worker resumed",
-                {"flow": "m-prefect-every60", "alertname": "OrchestratorFlowLate"},
-                {"OrchestratorFlowLate": "/chat"}, 20, at=started_late, since=stopped)
-    await_cases(s.receiver, [late], check=alive)
+    # (every 60 s: the run after the late one starts long after it)
+    every60 = ScheduledFlow(s, "prefect", "prefect", "m-prefect-every60", GRACE, alive)
+    late, due, started_late, delay = every60.late(worker, "worker", 120)
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
     with d.client() as client:  # Prefect's own record of the run that was due
@@ -175,26 +139,10 @@ def test_each_prefect_failure_raises_exactly_its_alert(
         run.start_time.timestamp() - run.expected_start_time.timestamp(), abs=1e-3)
     assert delay > GRACE
 
-    # the worker killed between two runs (its next run at the gateway): the
-    # next run is missed, and the worker is gone
-    due = wait_until(between_runs, 120, interval=0.2, what="m-prefect-every60 between two runs")
-    os.killpg(worker.pid, signal.SIGKILL)  # and its flow-run processes
-    worker.wait(10)
-    killed = time.time()
-    assert s.gw.next_run("prefect", "m-prefect-every60") == (due, GRACE)
-    missed = Case("prefect", "missed (worker killed)",
-                  {"flow": "m-prefect-every60", "alertname": "OrchestratorFlowMissed"},
-                  {"OrchestratorFlowMissed": "/pager"}, 20, at=due + GRACE, since=killed)
-    gone = Case("prefect", "worker gone", {"job": "prefect", "instance": WORKER,
-                                           "alertname": "OrchestratorWorkerDown"},
-                {"OrchestratorWorkerDown": "/pager"}, 40, at=killed + 120)
-    cases = [failed, vanished, cancelled, hung, missed_late, late, missed, gone]
-    await_cases(s.receiver, [missed, gone])
+    # the worker (and its flow-run processes) killed between two runs: the next
+    # run is missed
+    cases = [failed, vanished, cancelled, hung, *late,
+             *every60.killed(worker, "worker", {"job": "prefect", "instance": WORKER}, 120)]
     table = matrix_table(s.receiver, cases)
     with capsys.disabled():
         print("\n" + table)
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
