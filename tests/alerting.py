@@ -242,6 +242,10 @@ class ScheduledFlow:
     flow: str
     grace: float
     check: Callable[[], None]  # raises when a component died
+    #: how long before a due time the process may start its run (Prefect's
+    #: worker submits runs up to PREFECT_WORKER_PREFETCH_SECONDS, 10 s, early):
+    #: it is stopped or killed before that
+    lead: float = 5.0
 
     def _values(self, *names: str) -> tuple[float, ...] | None:
         try:  # one read: the values of one push
@@ -252,13 +256,13 @@ class ScheduledFlow:
 
     def between_runs(self, timeout: float) -> float:
         """The next run, once it is at the gateway after the last start and more
-        than 5 s ahead."""
+        than ``lead`` seconds ahead."""
         def due() -> float | None:
             self.check()
             next_run, _ = self.stack.gw.next_run(self.job, self.flow)
             start = self._values("flow_last_start_timestamp_seconds")
             ok = (next_run is not None and start is not None and next_run > start[0]
-                  and time.time() < next_run - 5)
+                  and time.time() < next_run - self.lead)
             return next_run if ok else None
 
         return float(wait_until(due, timeout, interval=0.2, what=f"{self.flow} between two runs"))

@@ -125,7 +125,8 @@ def test_each_prefect_failure_raises_exactly_its_alert(
     assert d.read(run_id).state.is_running()  # Prefect's own record: still running
 
     # (every 60 s: the run after the late one starts long after it)
-    every60 = ScheduledFlow(s, "prefect", "prefect", "m-prefect-every60", GRACE, alive)
+    every60 = ScheduledFlow(s, "prefect", "prefect", "m-prefect-every60", GRACE, alive,
+                            lead=20)
     late, due, started_late, delay = every60.late(worker, "worker", 120)
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
@@ -139,8 +140,8 @@ def test_each_prefect_failure_raises_exactly_its_alert(
         run.start_time.timestamp() - run.expected_start_time.timestamp(), abs=1e-3)
     assert delay > GRACE
 
-    # the worker (and its flow-run processes) killed between two runs: the next
-    # run is missed
+    # the worker killed between two runs (its flow-run processes live in
+    # sessions of their own; none is running then): the next run is missed
     cases = [failed, vanished, cancelled, hung, *late,
              *every60.killed(worker, "worker", {"job": "prefect", "instance": WORKER}, 120)]
     table = matrix_table(s.receiver, cases)
