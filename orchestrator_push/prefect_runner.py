@@ -249,7 +249,7 @@ def _register(obj: Any, role: str) -> None:
     if selection is not None and client is not None and obj not in _schedules:
         from . import prefect_schedules
 
-        recorder = prefect_schedules.recorder(engine)
+        recorder = ScheduleRecorder(engine, FRAMEWORK)
         # on its own loop (setup and __aenter__ run on it), with its own client
         task = asyncio.get_running_loop().create_task(
             prefect_schedules.poll(recorder, client, selection)
@@ -266,8 +266,9 @@ def _selection(obj: Any, role: str) -> str | Callable[[], list[Any]] | None:
     get_ids = getattr(getattr(obj, "_deployment_registry", None), "get_deployment_ids", None)
     if callable(get_ids):
         return lambda: list(get_ids())
-    if isinstance(getattr(obj, "_deployment_ids", None), set):
-        return lambda: list(obj._deployment_ids)
+    ids = getattr(obj, "_deployment_ids", None)
+    if isinstance(ids, set):  # (the set, not the runner: _schedules holds it weakly)
+        return lambda: list(ids)
     warn_limited(
         "prefect-runner-deployments",
         "orchestrator_push: this Prefect runner keeps its deployments where this"

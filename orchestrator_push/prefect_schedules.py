@@ -26,7 +26,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from .engine import Engine
 from .logs import warn_limited
 from .schedule_watch import Due, Key, ScheduleRecorder
 
@@ -119,10 +118,6 @@ def _earliest(dues: list[Due]) -> Due:
     if times:
         return Due(min(times), period)
     return Due(None, period, paused=any(d.paused for d in dues))
-
-
-def recorder(engine: Engine) -> ScheduleRecorder:
-    return ScheduleRecorder(engine, FRAMEWORK)
 
 
 async def poll(recorder: ScheduleRecorder, client: Any, selection: Selection) -> None:
