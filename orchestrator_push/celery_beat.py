@@ -1,12 +1,13 @@
 """Celery beat: when each periodic entry is next due, pushed from the beat process.
 
 ``instrument(app)`` in the module beat loads connects ``beat_init``; there the
-beat scheduler's ``tick`` is wrapped on the instance (nothing else of beat is
-touched). After each tick, on beat's own thread, each entry's next due time
-is read with Celery's public schedule API (``remaining_estimate``: a few
-microseconds per entry) and recorded when it changed (schedule_watch.py): one
-series per entry (label ``schedule``) in its task's group, so a beat that
-stops leaves its entries' due times behind and ``OrchestratorTaskMissed`` fires.
+beat scheduler's ``tick`` and ``close`` are wrapped on the instance (nothing
+else of beat is touched). After each tick, and as beat stops (perhaps in the
+middle of a tick), on beat's own thread, each entry's next due time is read
+with Celery's public schedule API (``remaining_estimate``: a few microseconds
+per entry) and recorded when it changed (schedule_watch.py): one series per
+entry (label ``schedule``) in its task's group, so a beat that stops leaves its
+entries' due times behind and ``OrchestratorTaskMissed`` fires.
 """
 
 from __future__ import annotations
@@ -44,23 +45,43 @@ def read(entries: Any, flow: str) -> dict[Key, Due]:
 
 
 def watch(scheduler: Any, engine: Engine, flow: str) -> bool:
-    """Wrap ``scheduler.tick`` (once); False when it has no ``tick`` or
-    ``schedule`` to read (another scheduler class), which is left alone."""
+    """Wrap ``scheduler.tick`` and ``scheduler.close`` (once); False when it has
+    no ``tick`` or ``schedule`` to read (another scheduler class), which is left
+    alone."""
     tick: Callable[..., Any] | None = getattr(scheduler, "tick", None)
+    close: Callable[..., Any] | None = getattr(scheduler, "close", None)
     if tick is None or not hasattr(scheduler, "schedule"):
         return False
     if getattr(tick, _MARK, False):
         return True
     recorder = ScheduleRecorder(engine, FRAMEWORK)
+    closed = False  # a closed store cannot be read (beat closes twice when it stops)
 
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        interval = tick(*args, **kwargs)
+    def record() -> None:
         try:
             recorder.update(read(scheduler.schedule, flow))
         except Exception:  # nothing of ours may stop beat
             warn_limited("beat", "orchestrator_push: could not read beat's schedule")
+
+    def wrapped_tick(*args: Any, **kwargs: Any) -> Any:
+        nonlocal closed
+        closed = False
+        interval = tick(*args, **kwargs)
+        record()
         return interval
 
-    setattr(wrapped, _MARK, True)
-    scheduler.tick = wrapped
+    def wrapped_close(*args: Any, **kwargs: Any) -> Any:
+        # Beat's SIGTERM handler closes the scheduler and raises SystemExit
+        # wherever beat is, often just after a send, before the tick returns: the
+        # due time that follows the send is already in the schedule, read here.
+        nonlocal closed
+        if not closed:
+            closed = True
+            record()
+        return close(*args, **kwargs) if close is not None else None
+
+    setattr(wrapped_tick, _MARK, True)
+    scheduler.tick = wrapped_tick
+    if close is not None:
+        scheduler.close = wrapped_close
     return True

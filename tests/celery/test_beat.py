@@ -73,3 +73,41 @@ def test_beat_pushes_each_entrys_next_due_time_as_its_schedule_file_says(
                           framework="celery")
     assert abs(cron_due - (last["fail-every-5m"] // 300 + 1) * 300) <= 0.02
     assert "orchestrator_push" not in output()
+
+
+def test_beat_stopped_in_the_middle_of_a_tick_pushes_the_due_time_of_what_it_sent(
+    pushgateway: Pushgateway, redis_url: str, tmp_path: object
+) -> None:
+    """SIGTERM arrives as beat publishes (beat's handler raises SystemExit there):
+    the due time that follows the send is delivered, not the one the send met, which
+    the worker's start would satisfy and no missed-run alert would ever fire."""
+    schedule_file = os.path.join(str(tmp_path), "beat-schedule")
+    sent_file = os.path.join(str(tmp_path), "sent")
+    log = os.path.join(str(tmp_path), "beat.log")
+    env = {**os.environ, "TEST_REDIS_URL": redis_url, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+           "ORCHESTRATOR_PUSH_INTERVAL": "0.2", "TEST_SENT_FILE": sent_file,
+           "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "wb") as out:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "beatapp_stop_on_send", "beat", "-l", "info",
+             "-s", schedule_file, "--max-interval", "1"],
+            env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        code = beat.wait(30)  # it stops itself on its second send, ~3 s in
+    finally:
+        if beat.poll() is None:
+            beat.kill()
+            beat.wait()
+    with open(log, errors="replace") as f:
+        output = f.read()
+    assert code == 0, output[-3000:]
+    with open(sent_file) as f:
+        sent = float(f.read())
+    with shelve.open(schedule_file, flag="r") as db:
+        last = db["entries"]["ping-every-3s"].last_run_at.timestamp()
+    ok = pushgateway.group(job="celery", flow="shop", task="shop.ok")
+    due = ok.value(f"{NS}_task_next_run_timestamp_seconds", schedule="ping-every-3s")
+    # beat's own record: the send it was stopped in is its last run
+    assert last <= sent <= last + 1
+    assert abs(due - (last + 3)) <= 0.02
+    assert "orchestrator_push" not in output
