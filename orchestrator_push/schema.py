@@ -83,6 +83,8 @@ _HELP = {
     "push_records_spooled": "Records this process wrote to the local spool (its total so far).",
     "push_records_replayed": "Spooled records this process delivered (its total so far).",
     "push_failures": "Failed pushes of this process, by reason (its total so far).",
+    "push_interval_seconds": "Seconds between this process's pushes now "
+    "(longer than configured while the gateway is slow or failing).",
     "task_duration_seconds": "Duration of finished task attempts, by outcome.",
     "task_last_start_timestamp_seconds": "Unix time the last attempt of the task started.",
     "task_timeout_seconds": "Time limit of the task's attempts as set in the framework.",
@@ -542,8 +544,9 @@ def self_families(
     failures: Mapping[str, int],
     spooled: int,
     replayed: int,
+    interval: float,
 ) -> list[Metric]:
-    """The pushing process's own counts, sent with each of its groups."""
+    """The pushing process's own counts and push interval, sent with each of its groups."""
     lost = CounterMetricFamily(
         f"{ns}_push_records_dropped", _HELP["push_records_dropped"], labels=["framework", "reason"]
     )
@@ -562,7 +565,11 @@ def self_families(
         f"{ns}_push_records_replayed", _HELP["push_records_replayed"], labels=["framework"]
     )
     replayed_f.add_metric([framework], replayed)
-    fams: list[Metric] = [lost, spooled_f, replayed_f]
+    interval_f = GaugeMetricFamily(
+        f"{ns}_push_interval_seconds", _HELP["push_interval_seconds"], labels=["framework"]
+    )
+    interval_f.add_metric([framework], interval)
+    fams: list[Metric] = [lost, spooled_f, replayed_f, interval_f]
     if failures:
         fams.append(failed)
     return fams

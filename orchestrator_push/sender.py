@@ -31,6 +31,16 @@ MIN_BACKOFF = 0.25
 MAX_BACKOFF = 30.0
 #: While a flush waits, a failing group is retried at least this often.
 FLUSH_RETRY = 0.5
+#: Self-pacing: a cycle whose pushes took this share of the current interval
+#: (and at least SLOW_FLOOR seconds), or met a retryable failure, doubles the
+#: interval; one that took less than half of that halves it, back towards the
+#: configured one. The gap between the two keeps a steady load at one interval.
+SLOW_SHARE = 0.5
+SLOW_FLOOR = 0.1
+#: The paced interval never exceeds this (nor the configured one if that is
+#: longer): a node's liveness still arrives well within OrchestratorWorkerDown's
+#: 2 minutes.
+MAX_PACED_INTERVAL = 30.0
 
 
 class Action(enum.Enum):
@@ -51,7 +61,7 @@ def policy(outcome: Outcome) -> Action:
     return Action.REJECT
 
 
-def self_families(ns: str, framework: str, stats: Stats) -> list[Metric]:
+def self_families(ns: str, framework: str, stats: Stats, interval: float) -> list[Metric]:
     return schema.self_families(
         ns,
         framework,
@@ -59,7 +69,21 @@ def self_families(ns: str, framework: str, stats: Stats) -> list[Metric]:
         failures=dict(stats.push_failures),
         spooled=stats.spooled,
         replayed=stats.replayed,
+        interval=interval,
     )
+
+
+def paced(interval: float, base: float, spent: float, congested: bool) -> float:
+    """The next push interval, given the current one, the configured one
+    (``base``), the seconds the last cycle's pushes took and whether one of
+    them met a retryable failure: an overloaded gateway gets fewer pushes (its
+    values grow staler) instead of a storm of retries."""
+    slow = max(interval * SLOW_SHARE, SLOW_FLOOR)
+    if congested or spent >= slow:
+        return min(max(base, MAX_PACED_INTERVAL), interval * 2)
+    if spent < slow / 2:
+        return max(base, interval / 2)
+    return interval
 
 
 class Sender:
@@ -93,6 +117,8 @@ class Sender:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self._next_beat = 0.0
+        #: The push interval now: the configured one, stretched while the gateway is slow.
+        self.interval = config.interval
 
     def wake(self) -> None:
         self._wake.set()
@@ -127,7 +153,7 @@ class Sender:
             transport.close()
 
     def _next_wait(self) -> float:
-        wait = self._config.interval
+        wait = self.interval
         now = time.monotonic()
         for g, (_failures, at) in list(self._retry_at.items()):
             if g.pending:
@@ -155,7 +181,7 @@ class Sender:
         now = time.monotonic()
         with self._lock:
             if now >= self._next_beat:  # long-lived processes say they are alive
-                self._next_beat = now + self._config.interval
+                self._next_beat = now + self.interval
                 self._table.beat(time.time())
             due = [g for g in self._table.dirty() if self._due(g, now)]
             snaps = [self._table.snapshot(g, ns) for g in due]
@@ -164,12 +190,13 @@ class Sender:
             self._last_try.pop(g, None)
         stats = self._ledger.snapshot()
         own: dict[str, list[Metric]] = {}
+        spent, congested = 0.0, False
         for snap in snaps:
             fw = snap.group.framework
             if fw not in own:
-                own[fw] = self_families(ns, fw, stats)
+                own[fw] = self_families(ns, fw, stats, self.interval)
             body = schema.encode(snap.families + own[fw])
-            self._last_try[snap.group] = time.monotonic()
+            self._last_try[snap.group] = t0 = time.monotonic()
             # A counters group carries its whole state, so PUT also removes series
             # that ended (the oldest start of a task no longer in progress).
             method = "PUT" if snap.group.kind is GroupKind.COUNTERS else "POST"
@@ -177,7 +204,24 @@ class Sender:
             if outcome.ok and snap.schedule is not None and snap.schedule[0] is None:
                 removal = schema.removal(ns, snap.group.kind.value)
                 outcome = transport.request("POST", snap.group.path, removal, schema.PROTOBUF)
+            spent += time.monotonic() - t0
+            congested = congested or outcome.retryable
             self._settle(snap, outcome)
+        if snaps and not self.flushing:
+            self._pace(spent, congested)
+
+    def _pace(self, spent: float, congested: bool) -> None:
+        before = self.interval
+        self.interval = paced(before, self._config.interval, spent, congested)
+        if self.interval > before and before == self._config.interval:
+            warn_limited(
+                "paced",
+                "orchestrator_push: pushes to %s are slow or failing; pushing less often "
+                "(every %.3g s, at most %.3g s) until they are not",
+                self._config.url,
+                self.interval,
+                max(self._config.interval, MAX_PACED_INTERVAL),
+            )
 
     def _due(self, g: Group, now: float) -> bool:
         backoff = self._retry_at.get(g)

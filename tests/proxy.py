@@ -74,6 +74,9 @@ class Proxy:
     def _serve(self, client: socket.socket) -> None:
         with contextlib.closing(client):
             client.settimeout(30)
+            # no Nagle: a client that writes a request's head and body apart
+            # would otherwise wait for a delayed ACK (40 ms) on every request
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 if self.fail_status is not None or self.hold.is_set():
                     self._answer_locally(client)
@@ -105,6 +108,7 @@ class Proxy:
 
     def _forward(self, client: socket.socket) -> None:
         upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with contextlib.closing(upstream):
             def up() -> None:
                 with contextlib.suppress(OSError):
