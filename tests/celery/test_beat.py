@@ -15,19 +15,26 @@ HERE = os.path.dirname(__file__)
 NS = "orchestrator"
 
 
+def start_beat(module: str, pushgateway: Pushgateway, redis_url: str, schedule_file: str,
+               log: str, **env: str) -> subprocess.Popen[bytes]:
+    """A real `celery -A module beat` ticking at least every second, its output in ``log``."""
+    full = {**os.environ, "TEST_REDIS_URL": redis_url, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+            "ORCHESTRATOR_PUSH_INTERVAL": "0.2",
+            "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", module, "beat", "-l", "info",
+             "-s", schedule_file, "--max-interval", "1"],
+            env=full, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_beat_pushes_each_entrys_next_due_time_as_its_schedule_file_says(
     pushgateway: Pushgateway, redis_url: str, tmp_path: object
 ) -> None:
     schedule_file = os.path.join(str(tmp_path), "beat-schedule")
     log = os.path.join(str(tmp_path), "beat.log")
-    env = {**os.environ, "TEST_REDIS_URL": redis_url, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
-           "ORCHESTRATOR_PUSH_INTERVAL": "0.2", "ORCHESTRATOR_PUSH_SCHEDULE_GRACE": "5s",
-           "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(log, "wb") as out:
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "beatapp", "beat", "-l", "info",
-             "-s", schedule_file, "--max-interval", "1"],
-            env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+    beat = start_beat("beatapp", pushgateway, redis_url, schedule_file, log,
+                      ORCHESTRATOR_PUSH_SCHEDULE_GRACE="5s")
 
     def output() -> str:
         with open(log, errors="replace") as f:
@@ -84,14 +91,8 @@ def test_beat_stopped_in_the_middle_of_a_tick_pushes_the_due_time_of_what_it_sen
     schedule_file = os.path.join(str(tmp_path), "beat-schedule")
     sent_file = os.path.join(str(tmp_path), "sent")
     log = os.path.join(str(tmp_path), "beat.log")
-    env = {**os.environ, "TEST_REDIS_URL": redis_url, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
-           "ORCHESTRATOR_PUSH_INTERVAL": "0.2", "TEST_SENT_FILE": sent_file,
-           "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(log, "wb") as out:
-        beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "beatapp_stop_on_send", "beat", "-l", "info",
-             "-s", schedule_file, "--max-interval", "1"],
-            env=env, cwd=HERE, stdout=out, stderr=subprocess.STDOUT)
+    beat = start_beat("beatapp_stop_on_send", pushgateway, redis_url, schedule_file, log,
+                      TEST_SENT_FILE=sent_file)
     try:
         code = beat.wait(30)  # it stops itself on its second send, ~3 s in
     finally:
