@@ -49,7 +49,7 @@ def watch(scheduler: Any, engine: Engine, flow: str) -> bool:
     no ``tick`` or ``schedule`` to read (another scheduler class), which is left
     alone."""
     tick: Callable[..., Any] | None = getattr(scheduler, "tick", None)
-    close: Callable[..., Any] | None = getattr(scheduler, "close", None)
+    close: Callable[..., Any] = getattr(scheduler, "close", None) or (lambda: None)
     if tick is None or not hasattr(scheduler, "schedule"):
         return False
     if getattr(tick, _MARK, False):
@@ -78,10 +78,9 @@ def watch(scheduler: Any, engine: Engine, flow: str) -> bool:
         if not closed:
             closed = True
             record()
-        return close(*args, **kwargs) if close is not None else None
+        return close(*args, **kwargs)
 
     setattr(wrapped_tick, _MARK, True)
     scheduler.tick = wrapped_tick
-    if close is not None:
-        scheduler.close = wrapped_close
+    scheduler.close = wrapped_close
     return True
