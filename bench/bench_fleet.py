@@ -95,20 +95,21 @@ def celery():
     for name, e in nodes:
         e.register_node((("instance", name),), "celery", "worker")
         attempts[name] = 0
+    def stop(name, e):  # a clean stop, as the Celery adapter's: it delivers
+        e.node_down((("instance", name),), "celery")
+        e.close(30)
+
     start = time.monotonic()
     i = 0  # attempts so far on each node
     dropped = []
     while (elapsed := time.monotonic() - start) < seconds:
+        if DROP and elapsed > DROP and not dropped:  # at once, each on its own
+            dropped = [threading.Thread(target=stop, args=(name, e))
+                       for name, e in nodes if int(name[4:]) % 10]
+            for t in dropped:
+                t.start()
+            nodes = [(name, e) for name, e in nodes if int(name[4:]) % 10 == 0]
         while i < int(rate * elapsed) + 1:  # R/s per node, spread over the steps
-            if DROP and elapsed > DROP and len(nodes) > 1 and not dropped:
-                def stop(name, e):  # a clean stop, as the Celery adapter's: it delivers
-                    e.node_down((("instance", name),), "celery")
-                    e.close(30)
-                for name, e in nodes:  # at once, each on its own
-                    if int(name[4:]) % 10:
-                        dropped.append(threading.Thread(target=stop, args=(name, e)))
-                        dropped[-1].start()
-                nodes = [(name, e) for name, e in nodes if int(name[4:]) % 10 == 0]
             for name, e in nodes:
                 task = names[(i + int(name[4:])) % tasks]
                 now = time.time()
