@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from .config import Config
+from .gateways import Gateways, connect
 from .groups import (
     GatewayError,
     GroupInfo,
@@ -239,10 +240,35 @@ def gc(
     or (None) than the TTL each group declares; a group that declares none is
     kept then."""
     now = time.time() if now is None else now
+    failed = 0
+    # Each gateway on its own: a copy left behind on one (the list of gateways
+    # changed) ages there while the group is fresh on another.
+    for url in config.urls:
+        transport: Transport = HttpTransport(config, url)
+        try:
+            failed += _gc_one(transport, config, url, out, older_than, job, dry_run, now)
+        finally:
+            transport.close()
+    return 1 if failed else 0
+
+
+def _gc_one(
+    transport: Transport,
+    config: Config,
+    url: str,
+    out: IO[str],
+    older_than: float | None,
+    job: str | None,
+    dry_run: bool,
+    now: float,
+) -> int:
+    """gc on one gateway; the number of deletions that failed (1 if unreadable)."""
+    at = f" at {url}" if len(config.urls) > 1 else ""
     try:
-        groups = _read(config, job)
+        groups = _filter(list_groups(transport, config.namespace), job)
     except GatewayError as exc:
-        return _unreachable(config, exc)
+        _unreachable_at(url, exc)
+        return 1
     # A group without push_time was never pushed by a client (it cannot be
     # aged): never a candidate.
     if older_than is None:
@@ -250,7 +276,7 @@ def gc(
         undeclared = sum(g.ttl is None for g in groups)
         if undeclared:
             out.write(
-                f"kept {undeclared} group(s) that declare no TTL "
+                f"kept {undeclared} group(s){at} that declare no TTL "
                 "(another tool's, or older; --older-than DURATION ages them)\n"
             )
     else:
@@ -258,32 +284,28 @@ def gc(
     if not old:
         limit = "their TTL" if older_than is None else format_age(older_than)
         out.write(
-            f"nothing to delete: no group{' of job ' + repr(job) if job else ''} "
+            f"nothing to delete{at}: no group{' of job ' + repr(job) if job else ''} "
             f"last pushed more than {limit} ago\n"
         )
         return 0
     failed = 0
-    transport: Transport = HttpTransport(config)
-    try:
-        for g in old:
-            age = format_age(now - (g.push_time or now))
-            if older_than is None and g.ttl is not None:
-                age += f", TTL {format_age(g.ttl)}"
-            if dry_run:
-                out.write(f"would delete {_describe(dict(g.key()))} (last push {age} ago)\n")
-                continue
-            outcome = delete_group(transport, g.key())
-            if outcome.ok:
-                out.write(f"deleted {_describe(dict(g.key()))} (last push {age} ago)\n")
-            else:
-                failed += 1
-                out.write(
-                    f"FAILED to delete {_describe(dict(g.key()))}: "
-                    f"{outcome.error or outcome.status}\n"
-                )
-    finally:
-        transport.close()
-    return 1 if failed else 0
+    for g in old:
+        age = format_age(now - (g.push_time or now))
+        if older_than is None and g.ttl is not None:
+            age += f", TTL {format_age(g.ttl)}"
+        if dry_run:
+            out.write(f"would delete {_describe(dict(g.key()))}{at} (last push {age} ago)\n")
+            continue
+        outcome = delete_group(transport, g.key())
+        if outcome.ok:
+            out.write(f"deleted {_describe(dict(g.key()))}{at} (last push {age} ago)\n")
+        else:
+            failed += 1
+            out.write(
+                f"FAILED to delete {_describe(dict(g.key()))}{at}: "
+                f"{outcome.error or outcome.status}\n"
+            )
+    return failed
 
 
 def delete(config: Config, out: IO[str], *, labels: Mapping[str, str]) -> int:
@@ -304,13 +326,20 @@ def delete(config: Config, out: IO[str], *, labels: Mapping[str, str]) -> int:
         for g in near[:10]:
             out.write(f"  did you mean: {delete_command(g.labels)}\n")
         return 1
-    transport: Transport = HttpTransport(config)
-    try:
-        outcome = delete_group(transport, exact[0].key())
-    finally:
-        transport.close()
-    if not outcome.ok:
-        out.write(f"FAILED to delete {_describe(labels)}: {outcome.error or outcome.status}\n")
+    failed = 0
+    for url in config.urls:  # every copy: one left behind by a change to the list too
+        transport: Transport = HttpTransport(config, url)
+        try:
+            outcome = delete_group(transport, exact[0].key())
+        finally:
+            transport.close()
+        if not outcome.ok:
+            failed += 1
+            at = f" at {url}" if len(config.urls) > 1 else ""
+            out.write(
+                f"FAILED to delete {_describe(labels)}{at}: {outcome.error or outcome.status}\n"
+            )
+    if failed:
         return 1
     out.write(f"deleted {_describe(dict(exact[0].key()))}\n")
     return 0
@@ -324,7 +353,7 @@ def replay(config: Config, out: IO[str]) -> int:
     spool = Spool(config.spool_dir, config.spool_max_bytes)
     before = spool.pending()
     ledger = Ledger()
-    transport: Transport = HttpTransport(config)
+    transport = connect(config)
     try:
         empty = Replayer(config, spool, ledger).run_all(transport)
     finally:
@@ -349,11 +378,23 @@ def replay(config: Config, out: IO[str]) -> int:
 
 
 def _read(config: Config, job: str | None) -> list[GroupInfo]:
-    transport: Transport = HttpTransport(config)
+    """Every group (of ``job``) at the gateway(s): of a group on several, the
+    copy pushed last."""
+    transport = connect(config)
     try:
         groups = list_groups(transport, config.namespace)
+        for url in transport.unreachable if isinstance(transport, Gateways) else []:
+            print(
+                f"orchestrator-push: cannot read the Pushgateway at {url}: "
+                "the groups only it holds are not listed",
+                file=sys.stderr,
+            )
     finally:
         transport.close()
+    return _filter(groups, job)
+
+
+def _filter(groups: list[GroupInfo], job: str | None) -> list[GroupInfo]:
     if job is not None:
         groups = [g for g in groups if g.job == job]
     return sorted(
@@ -368,8 +409,12 @@ def _read(config: Config, job: str | None) -> list[GroupInfo]:
 
 
 def _unreachable(config: Config, exc: GatewayError) -> int:
-    print(f"orchestrator-push: cannot read the Pushgateway at {config.url}: {exc}", file=sys.stderr)
+    _unreachable_at(config.url, exc)
     return 1
+
+
+def _unreachable_at(url: str, exc: GatewayError) -> None:
+    print(f"orchestrator-push: cannot read the Pushgateway at {url}: {exc}", file=sys.stderr)
 
 
 def delete_command(labels: Mapping[str, str]) -> str:

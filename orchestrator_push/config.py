@@ -70,7 +70,10 @@ class Secret:
 class Config:
     """Validated settings. Build it with :func:`load_config`; see docs/configuration.md."""
 
+    #: One gateway's base URL, or several separated by commas (see :attr:`urls`).
     url: str = "http://localhost:9091"
+    #: How many of the gateways hold each group (1: each group on one of them).
+    replicas: int = 1
     job: str | None = None  # None: the framework's name
     namespace: str = "orchestrator"
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -95,6 +98,11 @@ class Config:
     #: How late a scheduled run may start (Celery beat, Airflow, Prefect; exec
     #: has --grace); None: 5 minutes, or one period of the schedule if shorter.
     schedule_grace: float | None = None
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every gateway's base URL, in the order given."""
+        return tuple(self.url.split(","))
 
     def job_for(self, framework: str) -> str:
         return self.job if self.job is not None else framework
@@ -153,6 +161,23 @@ def _url(var: str, raw: object) -> tuple[str, str | None, Secret | None]:
     netloc = host if port is None else f"{host}:{port}"
     clean = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
     return clean, user, password
+
+
+def _urls(var: str, raw: object) -> tuple[str, str | None, Secret | None]:
+    """One URL or several separated by commas (each checked as :func:`_url`
+    does); credentials in them must be the same in every one that has any."""
+    items = [item.strip() for item in _text(var, raw).split(",")]
+    if any(not item for item in items):
+        raise ConfigError(var, "an empty item in the list of URLs")
+    parsed = [_url(var, item) for item in items]
+    cleans = [clean for clean, _, _ in parsed]
+    if len(set(cleans)) != len(cleans):
+        raise ConfigError(var, "a gateway is listed twice")
+    credentials = {(user, pw) for _, user, pw in parsed if user is not None or pw is not None}
+    if len(credentials) > 1:
+        raise ConfigError(var, "the URLs carry different credentials; give one user and password")
+    user, pw = credentials.pop() if credentials else (None, None)
+    return ",".join(cleans), user, pw
 
 
 def parse_labels(var: str, raw: object) -> dict[str, str]:
@@ -251,6 +276,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "SPOOL_DIR": _spool_dir,
     "GROUP_TTL": lambda var, raw: None if raw is None else _seconds(var, raw),
     "SCHEDULE_GRACE": lambda var, raw: None if raw is None else _seconds(var, raw),
+    "REPLICAS": lambda var, raw: int(_positive(var, raw, int)),
     "MAX_GROUPS": lambda var, raw: int(_positive(var, raw, int)),
     "SPOOL_MAX_BYTES": lambda var, raw: int(_positive(var, raw, int)),
     "ENABLED": _bool,
@@ -315,7 +341,7 @@ def load_config(
         var = PREFIX + name
         try:
             if name == "URL":
-                kw["url"], user, pw = _url(var, setting)
+                kw["url"], user, pw = _urls(var, setting)
                 if user is not None:
                     kw["username"] = user
                 if pw is not None:
@@ -335,7 +361,7 @@ def load_config(
 
 def _check(c: Config) -> None:
     """Rules every Config obeys, however it was built."""
-    _clean_url, url_user, url_password = _url(PREFIX + "URL", c.url)
+    _clean_url, url_user, url_password = _urls(PREFIX + "URL", c.url)
     if url_user is not None or url_password is not None:
         raise ConfigError(
             PREFIX + "URL",
@@ -360,6 +386,12 @@ def _check(c: Config) -> None:
             PREFIX + "NAMESPACE", f"{c.namespace!r} is not a valid metric name prefix"
         )
     optional = ("group_ttl", "schedule_grace")
+    if not isinstance(c.replicas, int) or not 1 <= c.replicas <= len(c.urls):
+        raise ConfigError(
+            PREFIX + "REPLICAS",
+            f"must be a whole number from 1 to the number of gateways ({len(c.urls)}), "
+            f"got {c.replicas!r}",
+        )
     for n in ("interval", "timeout", "flush_timeout", "max_groups", "spool_max_bytes", *optional):
         value = getattr(c, n)
         if n in optional and value is None:
@@ -372,5 +404,6 @@ def _check(c: Config) -> None:
         if not isinstance(value, str) or value == "":
             # Prometheus treats an empty label value as no label at all.
             raise ConfigError(PREFIX + "LABELS", f"label {name!r} needs a non-empty value")
-    if c.url.startswith("https://") and not c.tls_verify:
-        log.warning("orchestrator_push: TLS certificate verification is OFF for %s", c.url)
+    for url in c.urls:
+        if url.startswith("https://") and not c.tls_verify:
+            log.warning("orchestrator_push: TLS certificate verification is OFF for %s", url)

@@ -9,6 +9,7 @@ scrapes the gateway with ``honor_labels: true`` and sees our series.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import urllib.parse
@@ -75,19 +76,59 @@ def _probe_body(ns: str) -> bytes:
 
 
 def check_gateway(config: Config) -> list[Check]:
+    """Every gateway in turn; with several, what a stopped one means."""
     checks: list[Check] = []
-    transport: Transport = HttpTransport(config)
+    down: list[str] = []
+    for url in config.urls:
+        one = _check_one(config, url)
+        if not all(c.ok for c in one):
+            down.append(url)
+        checks += one
+    if len(config.urls) > 1:
+        checks.append(_check_set(config, down))
+    return checks
+
+
+def _check_set(config: Config, down: list[str]) -> Check:
+    n, r = len(config.urls), config.replicas
+    what = f"{n} gateways, each group on {r} of them (ORCHESTRATOR_PUSH_REPLICAS)"
+    if not down:
+        return Check("gateways", True, what)
+    if len(down) < r:
+        return Check(
+            "gateways",
+            True,
+            f"{what}: {', '.join(down)} failing; every group still has a replica that takes "
+            "it, so Prometheus misses nothing. Long-running processes send it what it "
+            "missed once it answers",
+            "bring it back, or take it out of ORCHESTRATOR_PUSH_URL everywhere",
+            warning=True,
+        )
+    return Check(
+        "gateways",
+        False,
+        f"{what}: {', '.join(down)} failing; the groups all of whose replicas are among "
+        f"them (about {math.comb(len(down), r) / math.comb(n, r):.0%}) are stale at "
+        "Prometheus until one is back",
+        "bring it back, or set ORCHESTRATOR_PUSH_REPLICAS higher so one gateway's loss "
+        "does not stop any group",
+    )
+
+
+def _check_one(config: Config, url: str) -> list[Check]:
+    checks: list[Check] = []
+    transport: Transport = HttpTransport(config, url)
     try:
         try:
             info = gateway_info(transport)
         except GatewayError as exc:
             checks.append(
-                Check("reach the gateway", False, f"{config.url}: {exc}", _gateway_fix(exc.outcome))
+                Check("reach the gateway", False, f"{url}: {exc}", _gateway_fix(exc.outcome))
             )
             return checks
         build = info.get("build_information", {})
         flags = info.get("flags", {})
-        detail = f"{config.url}: Pushgateway {build.get('version', '?')}"
+        detail = f"{url}: Pushgateway {build.get('version', '?')}"
         if flags.get("persistence.file"):
             detail += f", persistence file {flags['persistence.file']}"
         else:
@@ -216,6 +257,8 @@ def check_prometheus(config: Config, prometheus: str) -> list[Check]:
         )
     else:
         checks.append(Check("honor_labels: true", True, "pushed job labels are kept"))
+    if len(config.urls) > 1:
+        checks.append(_check_gateway_label(config, prometheus))
     ours = _prom_query(prometheus, f'count({{__name__=~"{ns}_.+"}})', config.timeout)
     count = int(float(ours[0]["value"][1])) if ours else 0
     checks.append(
@@ -230,6 +273,27 @@ def check_prometheus(config: Config, prometheus: str) -> list[Check]:
         )
     )
     return checks
+
+
+def _check_gateway_label(config: Config, prometheus: str) -> Check:
+    """With several gateways, each one's copy of a group must be its own series."""
+    rows = _prom_query(prometheus, "count by (pushgateway) (push_time_seconds)", config.timeout)
+    scraped = sorted(r.get("metric", {}).get("pushgateway", "") for r in rows)
+    if "" in scraped:
+        return Check(
+            "a pushgateway label per gateway",
+            False,
+            "series without a `pushgateway` label: the copies of a group on two gateways "
+            "collide in Prometheus",
+            "add the relabel_configs of deploy/prometheus/scrape.yml to the scrape job",
+        )
+    ok = len(scraped) >= len(config.urls)
+    return Check(
+        "a pushgateway label per gateway",
+        ok,
+        f"{len(scraped)} of {len(config.urls)} gateways scraped: {', '.join(scraped)}",
+        "" if ok else "list every gateway of ORCHESTRATOR_PUSH_URL under the scrape job's targets",
+    )
 
 
 def run(
@@ -264,7 +328,7 @@ def run(
                 "unset ORCHESTRATOR_PUSH_ENABLED or set it to true",
             )
         )
-    if config.url.startswith("https://") and not config.tls_verify:
+    if any(u.startswith("https://") for u in config.urls) and not config.tls_verify:
         checks.append(
             Check(
                 "TLS verification",

@@ -22,6 +22,7 @@ from typing import TypeVar, cast
 
 from . import host_counts
 from .config import Config
+from .gateways import connect
 from .host_counts import HostCounts
 from .ledger import Ledger, Loss, Stats
 from .logs import emit, warn_limited
@@ -31,7 +32,7 @@ from .schema import GroupKey, GroupKind, Running
 from .sender import Sender
 from .spool import Entry, Spool, SpoolFull
 from .table import DEFAULT_TTL, Node, Snapshot, Table
-from .transport import HttpTransport, Transport
+from .transport import Transport
 
 #: How often a sender that reaches the gateway looks at the spool.
 REPLAY_EVERY = 30.0
@@ -64,7 +65,7 @@ class Engine:
         self,
         config: Config,
         *,
-        transport: Callable[[Config], Transport] = HttpTransport,
+        transport: Callable[[Config], Transport] = connect,
     ) -> None:
         self.config = config
         self._make_transport = transport
@@ -601,6 +602,7 @@ class Engine:
     # -- the spool ------------------------------------------------------------------
 
     def _after_cycle(self, transport: Transport) -> None:
+        transport.catch_up()
         if not self._exiting:
             self._deliver_host_counts(
                 time.monotonic() + HOST_LOCK_WAIT, exiting=False, transport=transport

@@ -77,14 +77,18 @@ class Transport(Protocol):
         self, method: str, path: str, body: bytes = b"", read_timeout: float | None = None
     ) -> tuple[Outcome, bytes]: ...
 
+    def catch_up(self) -> None:
+        """After each sender cycle: deliver what was held back (several gateways)."""
+
     def close(self) -> None: ...
 
 
 class HttpTransport:
     """:class:`Transport` over urllib3."""
 
-    def __init__(self, config: Config) -> None:
-        self._base = config.url
+    def __init__(self, config: Config, url: str | None = None) -> None:
+        """``url``: one of ``config.urls`` (the first by default)."""
+        self._base = config.urls[0] if url is None else url
         self._headers = {
             "Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
             "User-Agent": "orchestrator-push",
@@ -156,6 +160,9 @@ class HttpTransport:
             return Outcome(resp.status), resp.data
         text = resp.data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
         return Outcome(resp.status, text or (resp.reason or ""), Reason.HTTP), b""
+
+    def catch_up(self) -> None:
+        pass  # one gateway: nothing is held back here
 
     def close(self) -> None:
         self._pool.clear()
