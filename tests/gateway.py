@@ -267,7 +267,10 @@ scrape_configs:
   - job_name: pushgateway
     honor_labels: {honor_labels}
     static_configs:
-      - targets: ["{target}"]
+      - targets: {targets}
+    relabel_configs:  # as deploy/prometheus/scrape.yml: each gateway's copy apart
+      - source_labels: [__address__]
+        target_label: pushgateway
 """
 ALERTING = """alerting:
   alertmanagers:
@@ -294,7 +297,8 @@ def wait_ready(proc: subprocess.Popen[bytes], log: str, url: str, name: str,
 
 
 class Prometheus:
-    """A real ``prometheus`` on a free 127.0.0.1 port scraping one Pushgateway."""
+    """A real ``prometheus`` on a free 127.0.0.1 port scraping one Pushgateway,
+    or several (``gateway_url`` lists them, comma-separated)."""
 
     def __init__(self, gateway_url: str, rule_files: list[str] | None = None,
                  honor_labels: bool = True, interval: str = "1s",
@@ -309,7 +313,8 @@ class Prometheus:
             f.write(PROMETHEUS_CONFIG.format(
                 interval=interval, rule_files=json.dumps(rule_files or []),
                 honor_labels=str(honor_labels).lower(),
-                target=gateway_url.split("://", 1)[1].rstrip("/")))
+                targets=json.dumps([u.split("://", 1)[1].rstrip("/")
+                                    for u in gateway_url.split(",")])))
             if alertmanager is not None:  # where firing alerts go
                 f.write(ALERTING.format(target=alertmanager.split("://", 1)[1].rstrip("/")))
         self.port = free_port()

@@ -116,7 +116,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 32  # rules.yml, thresholds.yml, short_limits.yml
+    assert len(all_rules) == 36  # rules.yml, thresholds.yml, short_limits.yml
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
@@ -158,8 +158,12 @@ def test_push_failing_and_stale_group_rules(prom: Prometheus, gw: Pushgateway) -
     assert {(f, fl, t) for f, fl, t in tuples(prom.query(lost_expr), "framework", "flow", "task")
             if t} == set(TASKS)
     every_group = {tuple(sorted(g.labels.items())) for g in gw.groups()}
-    got = {tuple(sorted((k, v) for k, v in x["metric"].items() if v)) for x in prom.query(stale_expr)}
+    stale = prom.query(stale_expr)
+    got = {tuple(sorted((k, v) for k, v in x["metric"].items() if v and k != "pushgateway"))
+           for x in stale}
     assert got == every_group
+    # each alert says which gateway holds the group (the scrape config's label)
+    assert {x["metric"].get("pushgateway") for x in stale} == {f"127.0.0.1:{gw.port}"}
 
 
 def panel_exprs() -> list[tuple[str, str]]:
