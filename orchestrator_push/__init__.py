@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: ``orchestrator_push.prefect_startup`` is imported at
 # every interpreter start where Prefect's plugins are switched on, and must not
-# pay for the delivery core (prometheus_client, urllib3) in processes that never
+# pay for the delivery core (prometheus_client, http.client) in processes that never
 # import Prefect.
 _PUBLIC = {
     "Config": "config",

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from .config import Config
-from .gateways import Gateways, connect
+from .gateways import Gateways
 from .groups import (
     GatewayError,
     GroupInfo,
@@ -29,7 +29,7 @@ from .ledger import Ledger
 from .records import FAILURE_STATUSES
 from .replayer import Replayer
 from .spool import Spool
-from .transport import HttpTransport, Transport
+from .transport import HttpTransport, Transport, connect
 
 _RED, _YELLOW, _RESET = "\033[31m", "\033[33m", "\033[0m"
 

@@ -22,7 +22,6 @@ from typing import TypeVar, cast
 
 from . import host_counts
 from .config import Config
-from .gateways import connect
 from .host_counts import HostCounts
 from .ledger import Ledger, Loss, Stats
 from .logs import emit, warn_limited
@@ -32,7 +31,7 @@ from .schema import GroupKey, GroupKind, Running
 from .sender import Sender
 from .spool import Entry, Spool, SpoolFull
 from .table import DEFAULT_TTL, Node, Snapshot, Table
-from .transport import Transport
+from .transport import Transport, connect
 
 #: How often a sender that reaches the gateway looks at the spool.
 REPLAY_EVERY = 30.0

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import Metric
 
 from . import schema
 from .config import Config
-from .groups import GatewayError, GroupInfo, parse_groups, read_json
 from .ledger import Ledger, Loss
 from .logs import emit, warn_limited
 from .schema import GroupKey, GroupKind
@@ -30,6 +30,9 @@ from .sender import Action, policy
 from .spool import Entry, Spool
 from .table import Group
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .groups import GroupInfo
 
 REPLAY_BATCH = 50
 
@@ -89,6 +92,10 @@ class Replayer:
                     delivered += g.pending
         current: dict[tuple[str, GroupKey], GroupInfo] = {}
         if merged:
+            # Only a pass with files reads the gateway: every process's start
+            # (an `exec` run's) checks the spool, few find anything.
+            from .groups import GatewayError, parse_groups, read_json
+
             try:
                 data = read_json(transport, "/api/v1/metrics") or []
             except GatewayError as exc:

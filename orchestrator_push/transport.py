@@ -1,4 +1,4 @@
-"""HTTP to the Pushgateway: one keep-alive connection pool, auth and TLS, no retries.
+"""HTTP to the Pushgateway: one keep-alive connection, auth and TLS, no retries.
 
 The contract (:class:`Transport`): one request in, one :class:`Outcome` out,
 never an exception. Retries and backoff are the sender's business
@@ -17,12 +17,16 @@ import base64
 # thread it does not have, and hangs at its own first connection (a Celery pool
 # child storing its first result). So import it here, before any thread starts.
 import encodings.idna  # noqa: F401
+import errno
+import http.client
+import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
+from urllib.parse import urlsplit
 
-import urllib3
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from .config import Config
@@ -83,12 +87,30 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def connect(config: Config) -> Transport:
+    """The transport for ``config``: one gateway's, or a
+    :class:`~.gateways.Gateways` over several."""
+    if len(config.urls) == 1:
+        return HttpTransport(config)
+    from .gateways import Gateways  # only processes with several gateways need it
+
+    return Gateways(config)
+
+
 class HttpTransport:
-    """:class:`Transport` over urllib3."""
+    """:class:`Transport` over one keep-alive :mod:`http.client` connection.
+
+    The standard library's client rather than urllib3: one connection to one
+    gateway is all a process needs (the sender is one thread), and urllib3's
+    import alone cost an ``exec`` run more than half of its start-up. Safe to
+    share between threads (one request at a time)."""
 
     def __init__(self, config: Config, url: str | None = None) -> None:
         """``url``: one of ``config.urls`` (the first by default)."""
         self._base = config.urls[0] if url is None else url
+        parts = urlsplit(self._base)
+        self._host, self._port = parts.hostname or "", parts.port
+        self._prefix = parts.path.rstrip("/")
         self._headers = {
             "Content-Type": CONTENT_TYPE_PLAIN_0_0_4,
             "User-Agent": "orchestrator-push",
@@ -98,24 +120,16 @@ class HttpTransport:
             self._headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
         elif config.bearer_token is not None:
             self._headers["Authorization"] = "Bearer " + config.bearer_token.reveal()
-        tls: dict[str, object] = {}
-        if self._base.startswith("https://"):
-            tls = {
-                "cert_reqs": ssl.CERT_REQUIRED if config.tls_verify else ssl.CERT_NONE,
-                "ca_certs": config.ca_bundle,
-                "cert_file": config.client_cert,
-                "key_file": config.client_key,
-            }
-            if not config.tls_verify:
-                tls["assert_hostname"] = False
-        self._timeout = urllib3.Timeout(connect=config.timeout, read=config.timeout)
-        self._pool = urllib3.PoolManager(
-            num_pools=2,
-            maxsize=1,
-            retries=False,
-            timeout=self._timeout,
-            **tls,  # type: ignore[arg-type]
-        )
+        self._timeout = config.timeout
+        self._tls: ssl.SSLContext | None = None
+        self._tls_error = ""
+        if parts.scheme == "https":
+            try:
+                self._tls = _tls_context(config)
+            except (OSError, ValueError) as exc:  # unreadable CA or key: every request says so
+                self._tls_error = f"TLS error: {type(exc).__name__}: {str(exc)[:200]}"
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"HttpTransport({self._base!r})"
@@ -137,48 +151,97 @@ class HttpTransport:
         """One request; the answer's body too (empty unless it succeeded).
         ``read_timeout`` overrides the configured one (reading every group of a
         big gateway takes longer than one push)."""
+        if self._tls_error:
+            return Outcome(0, self._tls_error, Reason.TLS), b""
         headers = self._headers
         if content_type is not None:
             headers = {**headers, "Content-Type": content_type}
-        try:
-            resp = self._pool.request(
-                method,
-                self._base + path,
-                body=body or None,
-                headers=headers,
-                redirect=False,
-                preload_content=True,
-                timeout=self._timeout
-                if read_timeout is None
-                else urllib3.Timeout(connect=self._timeout.connect_timeout, read=read_timeout),
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            return Outcome(0, *_describe(exc)), b""
-        except (OSError, ValueError) as exc:
-            return Outcome(0, type(exc).__name__, Reason.CONNECTION), b""
-        if resp.status in (200, 202):
-            return Outcome(resp.status), resp.data
-        text = resp.data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
-        return Outcome(resp.status, text or (resp.reason or ""), Reason.HTTP), b""
+        with self._lock:
+            try:
+                status, reason, data = self._exchange(
+                    method, self._prefix + path, body, headers, read_timeout
+                )
+            except Exception as exc:
+                self.close()
+                return Outcome(0, *_describe(exc)), b""
+        if status in (200, 202):
+            return Outcome(status), data
+        text = data[:_BODY_LIMIT].decode("utf-8", errors="replace").strip()
+        return Outcome(status, text or reason, Reason.HTTP), b""
+
+    def _exchange(
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        headers: dict[str, str],
+        read_timeout: float | None,
+    ) -> tuple[int, str, bytes]:
+        """Send and read the whole answer. A kept-alive connection the gateway
+        closed meanwhile fails at once: the request goes again, once, on a new one."""
+        for attempt in (0, 1):
+            reused = self._conn is not None and self._conn.sock is not None
+            conn = self._connection()
+            try:
+                conn.timeout = self._timeout  # connect
+                if conn.sock is None:
+                    conn.connect()
+                conn.sock.settimeout(read_timeout or self._timeout)
+                conn.request(method, target, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if reused and attempt == 0:
+                    continue
+                raise
+            if resp.will_close:
+                self.close()
+            return resp.status, resp.reason or "", data
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._tls is not None:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=self._tls
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._timeout
+                )
+        return self._conn
 
     def catch_up(self) -> None:
         pass  # one gateway: nothing is held back here
 
     def close(self) -> None:
-        self._pool.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _tls_context(config: Config) -> ssl.SSLContext:
+    """Verification on unless switched off; the CA bundle and client
+    certificate as configured."""
+    ctx = ssl.create_default_context(cafile=config.ca_bundle)
+    if not config.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if config.client_cert is not None:
+        ctx.load_cert_chain(config.client_cert, config.client_key)
+    return ctx
 
 
 def _describe(exc: Exception) -> tuple[str, Reason]:
     """A short text without the URL's credentials or request headers, and its class."""
-    reason = getattr(exc, "reason", None)
-    inner = reason if isinstance(reason, Exception) else exc
-    name = type(inner).__name__
-    if isinstance(inner, urllib3.exceptions.NewConnectionError):
-        return "connection refused or unreachable", Reason.CONNECTION
-    if isinstance(
-        inner, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError)
-    ):
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return f"TLS error: {str(exc)[:200]}", Reason.TLS
+    if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError since 3.10
         return "timed out", Reason.TIMEOUT
-    if isinstance(inner, urllib3.exceptions.SSLError) or "SSL" in name:
-        return f"TLS error: {str(inner)[:200]}", Reason.TLS
-    return name, Reason.CONNECTION
+    if isinstance(exc, ConnectionRefusedError | socket.gaierror) or (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL)
+    ):
+        return "connection refused or unreachable", Reason.CONNECTION
+    return type(exc).__name__, Reason.CONNECTION

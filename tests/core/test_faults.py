@@ -214,3 +214,43 @@ def test_replay_keeps_the_spool_when_credentials_are_refused(
     assert p.returncode == 0 and os.listdir(spool) == [], p.stdout + p.stderr
     assert pushgateway.group(job="exec", flow="creds", task="t").value(
         f"{NS}_task_last_status", status="success") == 1
+
+
+# -- the transport's one keep-alive connection ------------------------------------------
+
+
+def test_the_transport_keeps_one_connection_alive_for_every_request(
+        pushgateway: Pushgateway) -> None:
+    from orchestrator_push.transport import HttpTransport
+
+    proxy = Proxy(pushgateway.port)
+    t = HttpTransport(op.load_config({}, url=proxy.url))
+    try:
+        for i in range(20):
+            assert t.request("PUT", f"/metrics/job/keepalive{i % 3}", b"x 1\n").ok
+        assert proxy.requests == 20 and proxy.connections == 1
+    finally:
+        t.close()
+        proxy.stop()
+
+
+def test_a_connection_the_gateway_dropped_is_opened_again_for_the_next_request() -> None:
+    from orchestrator_push.transport import HttpTransport
+
+    gw = start()
+    t = HttpTransport(op.load_config({}, url=gw.url))
+    try:
+        assert t.request("PUT", "/metrics/job/before", b"x 1\n").ok
+        port = gw.port
+        gw.stop()  # the kept-alive connection dies with it
+        gw = start(port=port)
+        outcome = t.request("PUT", "/metrics/job/after", b"x 2\n")
+        assert outcome.ok, outcome
+        assert gw.group(job="after").value("x") == 2
+        gw.stop()
+        down = t.request("PUT", "/metrics/job/after", b"x 3\n")
+        assert (down.status, down.reason.value, down.error) == (
+            0, "connection", "connection refused or unreachable")
+    finally:
+        t.close()
+        gw.stop()
