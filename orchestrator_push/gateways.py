@@ -19,7 +19,6 @@ must list the same URLs (the order does not matter).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -37,20 +36,16 @@ STATUS = "/api/v1/status"
 #: after each failed try up to SKIP_MAX.
 SKIP_MIN = 1.0
 SKIP_MAX = 30.0
-#: POSTs a replica missed, kept per group: each merges into the group, so all
-#: are needed, in order. A PUT or DELETE replaces them.
+#: POSTs a replica missed, kept per group, the newest ones, sent in order: each
+#: merges into the group (a newer one need not carry every series an older
+#: one set). A PUT or DELETE replaces them.
 HINTS_PER_GROUP = 16
-
-
-def connect(config: Config) -> Transport:
-    """The transport for ``config``: one gateway's, or a :class:`Gateways`."""
-    if len(config.urls) == 1:
-        return HttpTransport(config)
-    return Gateways(config)
 
 
 def rank(urls: Sequence[str], path: str) -> list[int]:
     """Indexes of ``urls``, best first, for the group at ``path`` (pure)."""
+
+    import hashlib  # here: only processes with several gateways need it
 
     def score(i: int) -> bytes:
         return hashlib.blake2b(f"{urls[i]}\n{path}".encode(), digest_size=8).digest()
@@ -118,12 +113,10 @@ class Member:
 class Gateways:
     """:class:`~.transport.Transport` over every gateway of ``config.urls``."""
 
-    def __init__(self, config: Config, members: Sequence[Transport] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self._replicas = config.replicas
         self._max_groups = config.max_groups
-        if members is None:
-            members = [HttpTransport(config, url) for url in config.urls]
-        self.members = [Member(url, t) for url, t in zip(config.urls, members, strict=True)]
+        self.members = [Member(url, HttpTransport(config, url)) for url in config.urls]
         #: The gateways the last read of every group could not read.
         self.unreachable: list[str] = []
 
@@ -190,8 +183,14 @@ class Gateways:
         if method == "GET" and path == METRICS:
             return self._read_all(read_timeout)
         order = self.members if path == STATUS else self.targets(path)
-        answers = [m.transport.fetch(method, path, body, read_timeout) for m in order]
-        return next((a for a in answers if a[0].ok), answers[0])
+        first: tuple[Outcome, bytes] | None = None
+        for m in order:
+            answer = m.transport.fetch(method, path, body, read_timeout)
+            if answer[0].ok:
+                return answer
+            first = first or answer
+        assert first is not None  # there is always at least one
+        return first
 
     def _read_all(self, read_timeout: float | None) -> tuple[Outcome, bytes]:
         """Every gateway's groups, one copy of each: the one pushed last."""
