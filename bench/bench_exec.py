@@ -1,0 +1,103 @@
+"""`orchestrator-push exec -- true` against a hand-written prometheus_client push
+script that runs the same command, whole processes, side by side.
+
+A real Pushgateway on 127.0.0.1. Variants run interleaved, round after round
+(this machine drifts 5-20 % within seconds); the table gives each variant's
+median wall time and the median of the per-round ratios to the hand-written
+script. Correct: the gateway holds what each variant pushed (exit code 0).
+
+    python bench/bench_exec.py [--rounds 31]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from gateway import start
+
+#: What a user writes without this library: run the command, push its outcome.
+HAND_WRITTEN = """\
+import subprocess, sys, time
+from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+t0 = time.time()
+code = subprocess.call(sys.argv[2:])
+r = CollectorRegistry()
+Gauge("hand_last_duration_seconds", "Duration.", registry=r).set(time.time() - t0)
+Gauge("hand_last_exit_code", "Exit code.", registry=r).set(code)
+Gauge("hand_last_completion_timestamp_seconds", "End.", registry=r).set(time.time())
+push_to_gateway(sys.argv[1], job="hand", registry=r)
+sys.exit(code)
+"""
+
+
+def cli() -> list[str]:
+    found = shutil.which("orchestrator-push", path=os.path.dirname(sys.executable))
+    return [found] if found else [sys.executable, "-m", "orchestrator_push"]
+
+
+def timed(args: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=31)
+    rounds = ap.parse_args().rounds
+    gw = start()
+    work = tempfile.mkdtemp(prefix="op-bench-exec-")
+    try:
+        script = os.path.join(work, "hand.py")
+        with open(script, "w") as f:
+            f.write(HAND_WRITTEN)
+        env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url,
+               "XDG_CACHE_HOME": os.path.join(work, "cache")}
+        variants = {
+            "hand-written prometheus_client script": [sys.executable, script,
+                                                      gw.url.split("://")[1], "true"],
+            "orchestrator-push exec": [*cli(), "exec", "--job", "bench", "--", "true"],
+        }
+        for args in variants.values():  # warm the page cache and .pyc files
+            timed(args, env)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        ratios: list[float] = []
+        for i in range(rounds):
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))
+            this = {name: timed(variants[name], env) for name in order}
+            for name, t in this.items():
+                times[name].append(t)
+            ratios.append(this["orchestrator-push exec"] /
+                          this["hand-written prometheus_client script"])
+        groups = {g.labels.get("job"): g for g in gw.groups() if "instance" not in g.labels}
+        correct = {
+            "hand-written prometheus_client script":
+                groups["hand"].value("hand_last_exit_code") == 0,
+            "orchestrator-push exec":
+                groups["bench"].value("orchestrator_task_last_exit_code") == 0,
+        }
+        print(f"{rounds} rounds, interleaved; Python {sys.version.split()[0]}\n")
+        print("| variant | wall ms (median) | p25-p75 | ratio to the script (median of per-round) | correct |")
+        print("|---|---:|---:|---:|:-:|")
+        for name, ts in times.items():
+            q = statistics.quantiles(ts, n=4)
+            ratio = "1.00" if name.startswith("hand") else f"{statistics.median(ratios):.2f}"
+            print(f"| {name} | {statistics.median(ts) * 1000:.0f} | "
+                  f"{q[0] * 1000:.0f}-{q[2] * 1000:.0f} | {ratio} | "
+                  f"{'yes' if correct[name] else 'NO'} |")
+    finally:
+        gw.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
