@@ -25,13 +25,18 @@ stopped, and correctness: after a final flush, every task group holds one node's
 newest completion and the counters groups hold exactly the attempts recorded.
 While the load runs only Prometheus reads the gateway.
 
+Celery traffic also runs over several gateways (``--spread``, 3 by default:
+ORCHESTRATOR_PUSH_URL lists them, each group on one), the check on: the
+columns then add up the gateways (cores, memory, scrape size, series) or take
+the slowest (scrape duration).
+
 Then a recovery run: 50 nodes with the check on, past the knee, then nine in
 ten stop cleanly and their groups are deleted; a timeline of pushes/s and the
 push interval of the running nodes shows them come back to the configured one.
 
     python bench/bench_fleet.py [--nodes 5,20,50,100] [--kinds celery,airflow]
                                 [--tasks 20] [--rate 5] [--airflow-rate 1] [--seconds 15]
-                                [--recovery-nodes 50]
+                                [--spread 3] [--recovery-nodes 50]
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ LOAD = r"""
 import json, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 import orchestrator_push as op
-from orchestrator_push.transport import HttpTransport
+from orchestrator_push import gateways
+from orchestrator_push.transport import HttpTransport, connect
 
 url, kind, first, count, tasks, rate, seconds, interval = (
     sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]),
@@ -81,6 +87,9 @@ class Timed(HttpTransport):
             latencies.append(time.perf_counter() - t0)
         return out
 
+gateways.HttpTransport = Timed  # several gateways: each one's requests timed too
+TRANSPORT = connect if "," in url else Timed
+
 def config():
     return op.load_config({}, url=url, interval=interval, spool_dir="off", job="fleet",
                           flush_timeout=30.0)
@@ -91,7 +100,7 @@ attempts = {}  # node -> attempts recorded
 TR = op.TaskRecord
 
 def celery():
-    nodes = [(f"node{first + i}", op.Engine(config(), transport=Timed)) for i in range(count)]
+    nodes = [(f"node{first + i}", op.Engine(config(), transport=TRANSPORT)) for i in range(count)]
     for name, e in nodes:
         e.register_node((("instance", name),), "celery", "worker")
         attempts[name] = 0
@@ -133,7 +142,7 @@ def airflow():
     lock = threading.Lock()
     oks = []
     def run(task, k):
-        e = op.Engine(config(), transport=Timed)
+        e = op.Engine(config(), transport=TRANSPORT)
         now = time.time()
         e.record_start("airflow", "fleet", task, at=now - 0.01)
         e.record_task(TR("airflow", "fleet", task, "success", now, 0.01))
@@ -181,10 +190,10 @@ def proc_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def last_completions(gw: gateway.Pushgateway) -> dict[str, float]:
-    """Each task's newest completion the gateway holds (its last-run groups)."""
+def last_completions(gws: list[gateway.Pushgateway]) -> dict[str, float]:
+    """Each task's newest completion the gateways hold (its last-run groups)."""
     out: dict[str, float] = {}
-    for g in gw.groups():
+    for g in (g for gw in gws for g in gw.groups()):
         if g.labels.get("job") == "fleet" and "task" in g.labels:
             for _, v in g.metrics.get(f"{NS}_task_last_completion_timestamp_seconds", []):
                 out[g.labels["task"]] = max(out.get(g.labels["task"], 0.0), v)
@@ -209,18 +218,22 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
-        drop: float = 0.0, timeline: list[tuple[float, float, float, float]] | None = None
-        ) -> dict[str, object]:
-    gw = gateway.start(extra_args=[] if check else ["--push.disable-consistency-check"])
-    prom = gateway.Prometheus(gw.url)
+        drop: float = 0.0, timeline: list[tuple[float, float, float, float]] | None = None,
+        spread: int = 1) -> dict[str, object]:
+    """``spread`` gateways (ORCHESTRATOR_PUSH_URL lists them, one replica each)."""
+    gws = [gateway.start(extra_args=[] if check else ["--push.disable-consistency-check"])
+           for _ in range(spread)]
+    gw = gws[0]
+    urls = ",".join(g.url for g in gws)
+    prom = gateway.Prometheus(urls)
     try:
         procs = max(1, min(a.procs, nodes))
         share = [nodes // procs + (1 if i < nodes % procs else 0) for i in range(procs)]
         firsts = [sum(share[:i]) for i in range(procs)]
         seconds = a.seconds + (a.seconds * 4 if drop else 0)
-        cpu0, t0 = proc_cpu(gw.proc.pid), time.monotonic()
+        cpu0, t0 = sum(proc_cpu(g.proc.pid) for g in gws), time.monotonic()
         loads = [subprocess.Popen(
-            [sys.executable, "-c", LOAD, ROOT, gw.url, kind, str(first), str(n), str(a.tasks),
+            [sys.executable, "-c", LOAD, ROOT, urls, kind, str(first), str(n), str(a.tasks),
              str(a.rate if kind == "celery" else a.airflow_rate), str(seconds), str(a.interval),
              str(TICK), "1" if pacing else "0", str(drop)],
             stdout=subprocess.PIPE, text=True) for first, n in zip(firsts, share, strict=True)]
@@ -266,15 +279,18 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
                                  max(intervals, default=0.0)))
         t1 = time.monotonic()
         pushed = prom_values(prom, PUSH_RATE.format(window=f"{max(2, int(t1 - t0 - 2))}s"))
-        cpu1 = proc_cpu(gw.proc.pid)
-        rss = proc_rss_mib(gw.proc.pid)
+        cpu1 = sum(proc_cpu(g.proc.pid) for g in gws)
+        rss = sum(proc_rss_mib(g.proc.pid) for g in gws)
         done.set()
         outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in loads]
         sampler.join(10)
-        scrape = prom.query('avg_over_time(scrape_duration_seconds{job="pushgateway"}[30s])')
-        samples = prom.query('scrape_samples_scraped{job="pushgateway"}')
-        with urllib.request.urlopen(gw.url + "/metrics", timeout=30) as r:
-            size = len(r.read())
+        scrape = prom.query(
+            'max(avg_over_time(scrape_duration_seconds{job="pushgateway"}[30s]))')
+        samples = prom.query('sum(scrape_samples_scraped{job="pushgateway"})')
+        size = 0
+        for g in gws:
+            with urllib.request.urlopen(g.url + "/metrics", timeout=30) as r:
+                size += len(r.read())
         lat = sorted(x for o in outs for x in o["latencies"])
         # Each node pushes the last-run groups it shares with every node: the
         # gateway keeps the last write, which is one node's newest, within about
@@ -283,14 +299,14 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
         for o in outs:
             for key, v in o["newest"].items():
                 by_task.setdefault(key.split(" ", 1)[1], []).append(v)
-        held = last_completions(gw)
+        held = last_completions(gws)
         correct = all(o["ok"] for o in outs) and set(held) == set(by_task) and all(
             any(abs(held[t] - v) < 1e-3 for v in vs) for t, vs in by_task.items())
         behind = max(max(vs) - held.get(t, 0.0) for t, vs in by_task.items())
         if kind == "celery":
             counted = {g.labels["instance"]: sum(v for _, v in
                                                  g.metrics.get(f"{NS}_task_runs_total", []))
-                       for g in gw.groups() if "instance" in g.labels}
+                       for gw in gws for g in gw.groups() if "instance" in g.labels}
             recorded = {n: c for o in outs for n, c in o["attempts"].items() if n not in deleted}
             if counted != recorded:
                 print("counted", counted, "recorded", recorded, file=sys.stderr)
@@ -299,7 +315,8 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
         else:
             made = sum(o["attempts"]["runs"] for o in outs)
         return {
-            "kind": kind, "nodes": nodes, "check": "on" if check else "off",
+            "kind": kind, "nodes": nodes, "gateways": spread,
+            "check": "on" if check else "off",
             "pacing": "on" if pacing else "off",
             "attempts/s": made / seconds,
             "pushes/s": pushed[0][1] if pushed else float("nan"),
@@ -316,7 +333,8 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
         }
     finally:
         prom.stop()
-        gw.stop()
+        for g in gws:
+            g.stop()
 
 
 def main() -> None:
@@ -330,6 +348,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="load per row")
     ap.add_argument("--interval", type=float, default=1.0, help="ORCHESTRATOR_PUSH_INTERVAL")
     ap.add_argument("--procs", type=int, default=4, help="load processes per row")
+    ap.add_argument("--spread", type=int, default=3,
+                    help="celery: also this many gateways (check on; 1: not)")
     ap.add_argument("--recovery-nodes", type=int, default=50,
                     help="nodes of the recovery run (consistency check on), before nine in ten stop")
     a = ap.parse_args()
@@ -337,15 +357,17 @@ def main() -> None:
     for kind in a.kinds.split(","):
         for i, n in enumerate(int(x) for x in a.nodes.split(",")):
             # the variants side by side, their order alternating
-            variants = [(True, True), (False, True)]
+            variants = [(True, True, 1), (False, True, 1)]
             if kind == "celery":  # short-lived runs flush as they end: no interval to pace
-                variants.append((True, False))
-            for check, pacing in (variants if i % 2 == 0 else variants[::-1]):
-                r = row(kind, n, check, pacing, a)
+                variants.append((True, False, 1))
+                if a.spread > 1:
+                    variants.append((True, True, a.spread))
+            for check, pacing, spread in (variants if i % 2 == 0 else variants[::-1]):
+                r = row(kind, n, check, pacing, a, spread=spread)
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     timeline: list[tuple[float, float, float, float]] = []
-    if "celery" in a.kinds:
+    if "celery" in a.kinds and a.recovery_nodes:
         biggest = a.recovery_nodes
         recovery = row("celery", biggest, True, True, a, drop=a.seconds, timeline=timeline)
         print(json.dumps(recovery), file=sys.stderr, flush=True)
@@ -356,7 +378,8 @@ def main() -> None:
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for r in sorted(rows, key=lambda r: (r["kind"], r["nodes"], r["check"], r["pacing"])):
+    for r in sorted(rows, key=lambda r: (r["kind"], r["nodes"], r["gateways"], r["check"],
+                                         r["pacing"])):
         print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v)
                                 for v in r.values()) + " |")
     if timeline:

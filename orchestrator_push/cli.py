@@ -145,7 +145,10 @@ def _parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sp.add_argument("--url", help="the Pushgateway (default: ORCHESTRATOR_PUSH_URL)")
+        sp.add_argument(
+            "--url",
+            help="the Pushgateway, or several separated by commas (default: ORCHESTRATOR_PUSH_URL)",
+        )
         return sp
 
     st = admin_parser(
