@@ -20,13 +20,13 @@ must list the same URLs (the order does not matter).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .config import Config
+from .groups import GatewayError, first_value, read_json
 from .logs import warn_limited
 from .transport import HttpTransport, Outcome, Reason, Transport
 
@@ -181,7 +181,7 @@ class Gateways:
         self, method: str, path: str, body: bytes = b"", read_timeout: float | None = None
     ) -> tuple[Outcome, bytes]:
         if method == "GET" and path == METRICS:
-            return self._read_all(read_timeout)
+            return self._read_all()
         order = self.members if path == STATUS else self.targets(path)
         first: tuple[Outcome, bytes] | None = None
         for m in order:
@@ -192,35 +192,30 @@ class Gateways:
         assert first is not None  # there is always at least one
         return first
 
-    def _read_all(self, read_timeout: float | None) -> tuple[Outcome, bytes]:
+    def _read_all(self) -> tuple[Outcome, bytes]:
         """Every gateway's groups, one copy of each: the one pushed last."""
         newest: dict[tuple[tuple[str, str], ...], tuple[float, object]] = {}
-        first: Outcome | None = None
+        failed: list[Outcome] = []
         self.unreachable = []
         for m in self.members:
-            outcome, body = m.transport.fetch("GET", METRICS, read_timeout=read_timeout)
             try:
-                data = json.loads(body)["data"] if outcome.ok else None
-            except (ValueError, KeyError, TypeError):
-                data = None
-            if data is None:
+                data = read_json(m.transport, METRICS) or []
+            except GatewayError as exc:
                 self.unreachable.append(m.url)
-                first = first or (outcome if not outcome.ok else Outcome(0, "not a Pushgateway"))
+                failed.append(exc.outcome)
                 continue
-            for entry in data or []:
+            for entry in data:
                 key = tuple(sorted(entry.get("labels", {}).items()))
-                pushed = _push_time(entry)
+                pushed = first_value(entry.get("push_time_seconds")) or 0.0
                 if key not in newest or pushed > newest[key][0]:
                     newest[key] = (pushed, entry)
-        if len(self.unreachable) == len(self.members):
-            assert first is not None
-            return first, b""
+        if len(failed) == len(self.members):
+            return failed[0], b""
         if self.unreachable:
             warn_limited(
                 "read-partial",
                 "orchestrator_push: cannot read %s; what they alone hold is not seen",
                 ", ".join(self.unreachable),
-                level=logging.WARNING,
             )
         merged = [entry for _, entry in newest.values()]
         return Outcome(200), json.dumps({"status": "success", "data": merged}).encode()
@@ -228,13 +223,3 @@ class Gateways:
     def close(self) -> None:
         for m in self.members:
             m.transport.close()
-
-
-def _push_time(entry: dict[str, object]) -> float:
-    family = entry.get("push_time_seconds")
-    for m in family.get("metrics", []) if isinstance(family, dict) else []:
-        try:
-            return float(m.get("value", 0))
-        except (TypeError, ValueError):
-            return 0.0
-    return 0.0

@@ -81,7 +81,8 @@ class GroupInfo:
         return (("job", self.job), *rest)
 
 
-def _number(family: Mapping[str, Any] | None) -> float | None:
+def first_value(family: Mapping[str, Any] | None) -> float | None:
+    """The first sample's value of a family of ``/api/v1/metrics`` (None: none)."""
     if not family:
         return None
     for m in family.get("metrics", []):
@@ -103,9 +104,9 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
         g.metric_names = sorted(
             k for k, v in entry.items() if isinstance(v, dict) and "metrics" in v
         )
-        g.push_time = _number(entry.get("push_time_seconds")) or None
-        g.push_failure_time = _number(entry.get("push_failure_time_seconds")) or None
-        g.ttl = _number(entry.get(f"{namespace}_push_group_ttl_seconds"))
+        g.push_time = first_value(entry.get("push_time_seconds")) or None
+        g.push_failure_time = first_value(entry.get("push_failure_time_seconds")) or None
+        g.ttl = first_value(entry.get(f"{namespace}_push_group_ttl_seconds"))
         for kind in ("task", "flow"):
             status_family = entry.get(f"{namespace}_{kind}_last_status")
             start_family = entry.get(f"{namespace}_{kind}_last_start_timestamp_seconds")
@@ -113,10 +114,10 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
             if not status_family and not start_family and not due_family:
                 continue
             g.kind = kind
-            g.started_at = _number(start_family)
+            g.started_at = first_value(start_family)
             g.next_run = _earliest(due_family)
-            g.grace = _number(entry.get(f"{namespace}_{kind}_schedule_grace_seconds"))
-            g.timeout = _number(entry.get(f"{namespace}_{kind}_timeout_seconds"))
+            g.grace = first_value(entry.get(f"{namespace}_{kind}_schedule_grace_seconds"))
+            g.timeout = first_value(entry.get(f"{namespace}_{kind}_timeout_seconds"))
             for family in (start_family, due_family):
                 for m in (family or {}).get("metrics", []) if g.framework is None else []:
                     g.framework = m.get("labels", {}).get("framework")
@@ -124,12 +125,16 @@ def parse_groups(data: Iterable[Mapping[str, Any]], namespace: str) -> list[Grou
                 g.framework = m.get("labels", {}).get("framework", g.framework)
                 if float(m.get("value", 0)) == 1:
                     g.status = m.get("labels", {}).get("status")
-            g.duration = _number(entry.get(f"{namespace}_{kind}_last_duration_seconds"))
-            g.completed_at = _number(
+            g.duration = first_value(entry.get(f"{namespace}_{kind}_last_duration_seconds"))
+            g.completed_at = first_value(
                 entry.get(f"{namespace}_{kind}_last_completion_timestamp_seconds")
             )
-            g.success_at = _number(entry.get(f"{namespace}_{kind}_last_success_timestamp_seconds"))
-            g.failure_at = _number(entry.get(f"{namespace}_{kind}_last_failure_timestamp_seconds"))
+            g.success_at = first_value(
+                entry.get(f"{namespace}_{kind}_last_success_timestamp_seconds")
+            )
+            g.failure_at = first_value(
+                entry.get(f"{namespace}_{kind}_last_failure_timestamp_seconds")
+            )
         for name in (f"{namespace}_task_runs_total", f"{namespace}_flow_runs_total"):
             if g.kind in (None, "counters") and name in entry:
                 g.kind = "counters"
