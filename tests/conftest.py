@@ -32,6 +32,23 @@ def pushgateway() -> Iterator[gateway.Pushgateway]:
     yield from gateway.running()
 
 
+@pytest.fixture
+def three() -> Iterator[list[gateway.Pushgateway]]:
+    """Three fresh real Pushgateways (several gateways: ORCHESTRATOR_PUSH_URL lists them)."""
+    try:
+        gateway.find_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    gws: list[gateway.Pushgateway] = []
+    try:
+        for _ in range(3):
+            gws.append(gateway.start())
+        yield gws
+    finally:
+        for gw in gws:
+            gw.stop()
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[None]:

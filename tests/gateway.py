@@ -338,6 +338,11 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]  # type: ignore[no-any-return]
 
+    def rule_groups(self) -> list[dict[str, Any]]:
+        """``/api/v1/rules``: each rule group with its rules and last evaluation."""
+        with urllib.request.urlopen(self.url + "/api/v1/rules", timeout=10) as r:
+            return json.loads(r.read())["data"]["groups"]  # type: ignore[no-any-return]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -5,9 +5,6 @@ gateway stopped while tasks run and started again: the path a deployment takes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from gateway import Pushgateway, start, wait_until
 from test_celery import wait_results
 
@@ -15,16 +12,6 @@ from orchestrator_push import schema
 from orchestrator_push.gateways import rank
 
 NS = "orchestrator"
-
-
-@pytest.fixture
-def three() -> Iterator[list[Pushgateway]]:
-    gws = [start() for _ in range(3)]
-    try:
-        yield gws
-    finally:
-        for gw in gws:
-            gw.stop()
 
 
 def ok_runs(gw: Pushgateway) -> float:

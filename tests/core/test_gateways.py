@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 from gateway import Pushgateway, start, wait_until
@@ -23,16 +22,6 @@ from orchestrator_push.gateways import rank
 from orchestrator_push.records import TaskRecord
 
 NS = "orchestrator"
-
-
-@pytest.fixture
-def three() -> Iterator[list[Pushgateway]]:
-    gws = [start() for _ in range(3)]
-    try:
-        yield gws
-    finally:
-        for gw in gws:
-            gw.stop()
 
 
 def urls(gws: list[Pushgateway]) -> str:

@@ -5,12 +5,10 @@ label) with the shipped rules sees every task's newest run, once."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -55,10 +53,8 @@ def statuses(prom: Prometheus) -> dict[str, str]:
 
 def evaluated_since(prom: Prometheus, t: float) -> bool:
     """Every rule group evaluated after ``t`` (unix time): with what was scraped by then."""
-    with urllib.request.urlopen(prom.url + "/api/v1/rules", timeout=10) as r:
-        groups = json.loads(r.read())["data"]["groups"]
     stamps = [re.sub(r"(\.\d{6})\d*", r"\1", g["lastEvaluation"]).replace("Z", "+00:00")
-              for g in groups]
+              for g in prom.rule_groups()]
     return bool(stamps) and all(datetime.fromisoformat(s).timestamp() > t for s in stamps)
 
 

@@ -91,8 +91,7 @@ def tuples(result: list[dict[str, Any]], *labels: str) -> set[tuple[str, ...]]:
 
 
 def rules(prom: Prometheus) -> dict[str, dict[str, Any]]:
-    with urllib.request.urlopen(prom.url + "/api/v1/rules", timeout=10) as r:
-        groups = json.loads(r.read())["data"]["groups"]
+    groups = prom.rule_groups()
     return {rule["name"] + ("" if rule["type"] == "alerting" else f"/{i}"): rule
             for g in groups for i, rule in enumerate(g["rules"])}
 
