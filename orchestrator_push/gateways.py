@@ -31,7 +31,6 @@ from .logs import warn_limited
 from .transport import HttpTransport, Outcome, Reason, Transport
 
 METRICS = "/api/v1/metrics"
-STATUS = "/api/v1/status"
 #: A gateway that did not answer is not tried again for this long, doubling
 #: after each failed try up to SKIP_MAX.
 SKIP_MIN = 1.0
@@ -182,9 +181,9 @@ class Gateways:
     ) -> tuple[Outcome, bytes]:
         if method == "GET" and path == METRICS:
             return self._read_all()
-        order = self.members if path == STATUS else self.targets(path)
+        # anything else (the gateway's status): the first gateway that answers
         first: tuple[Outcome, bytes] | None = None
-        for m in order:
+        for m in self.members:
             answer = m.transport.fetch(method, path, body, read_timeout)
             if answer[0].ok:
                 return answer
