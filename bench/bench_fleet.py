@@ -30,13 +30,17 @@ ORCHESTRATOR_PUSH_URL lists them, each group on one), the check on: the
 columns then add up the gateways (cores, memory, scrape size, series) or take
 the slowest (scrape duration).
 
+Celery traffic also runs with fewer histogram buckets (``--buckets``,
+ORCHESTRATOR_PUSH_BUCKETS; 0.1,1,10,60 by default), the check on: a node's
+group is mostly its two duration histograms.
+
 Then a recovery run: 50 nodes with the check on, past the knee, then nine in
 ten stop cleanly and their groups are deleted; a timeline of pushes/s and the
 push interval of the running nodes shows them come back to the configured one.
 
     python bench/bench_fleet.py [--nodes 5,20,50,100] [--kinds celery,airflow]
                                 [--tasks 20] [--rate 5] [--airflow-rate 1] [--seconds 15]
-                                [--spread 3] [--recovery-nodes 50]
+                                [--spread 3] [--buckets 0.1,1,10,60] [--recovery-nodes 50]
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ if sys.argv[11] == "0":  # self-pacing off: the interval stays the configured on
     import orchestrator_push.sender
     orchestrator_push.sender.MAX_PACED_INTERVAL = 0.0
 DROP = float(sys.argv[12])  # then nine nodes in ten stop (a fleet scaled down; 0: never)
+BUCKETS = {} if sys.argv[13] == "default" else {"buckets": sys.argv[13]}
 latencies = []
 lat_lock = threading.Lock()
 
@@ -92,7 +97,7 @@ TRANSPORT = connect if "," in url else Timed
 
 def config():
     return op.load_config({}, url=url, interval=interval, spool_dir="off", job="fleet",
-                          flush_timeout=30.0)
+                          flush_timeout=30.0, **BUCKETS)
 
 names = [f"t{j}" for j in range(tasks)]
 newest = {}  # "node task" -> newest end time recorded (a host's runs: "host task")
@@ -219,8 +224,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
         drop: float = 0.0, timeline: list[tuple[float, float, float, float]] | None = None,
-        spread: int = 1) -> dict[str, object]:
-    """``spread`` gateways (ORCHESTRATOR_PUSH_URL lists them, one replica each)."""
+        spread: int = 1, buckets: str = "default") -> dict[str, object]:
+    """``spread`` gateways (ORCHESTRATOR_PUSH_URL lists them, one replica each);
+    ``buckets``: ORCHESTRATOR_PUSH_BUCKETS."""
     gws = [gateway.start(extra_args=[] if check else ["--push.disable-consistency-check"])
            for _ in range(spread)]
     gw = gws[0]
@@ -235,7 +241,7 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
         loads = [subprocess.Popen(
             [sys.executable, "-c", LOAD, ROOT, urls, kind, str(first), str(n), str(a.tasks),
              str(a.rate if kind == "celery" else a.airflow_rate), str(seconds), str(a.interval),
-             str(TICK), "1" if pacing else "0", str(drop)],
+             str(TICK), "1" if pacing else "0", str(drop), buckets],
             stdout=subprocess.PIPE, text=True) for first, n in zip(firsts, share, strict=True)]
         stale: list[float] = []
         done = threading.Event()
@@ -315,7 +321,7 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
         else:
             made = sum(o["attempts"]["runs"] for o in outs)
         return {
-            "kind": kind, "nodes": nodes, "gateways": spread,
+            "kind": kind, "nodes": nodes, "gateways": spread, "buckets": buckets,
             "check": "on" if check else "off",
             "pacing": "on" if pacing else "off",
             "attempts/s": made / seconds,
@@ -350,6 +356,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=4, help="load processes per row")
     ap.add_argument("--spread", type=int, default=3,
                     help="celery: also this many gateways (check on; 1: not)")
+    ap.add_argument("--buckets", default="0.1,1,10,60",
+                    help="celery: also with these bucket bounds (check on; 'default': not)")
     ap.add_argument("--recovery-nodes", type=int, default=50,
                     help="nodes of the recovery run (consistency check on), before nine in ten stop")
     a = ap.parse_args()
@@ -357,13 +365,15 @@ def main() -> None:
     for kind in a.kinds.split(","):
         for i, n in enumerate(int(x) for x in a.nodes.split(",")):
             # the variants side by side, their order alternating
-            variants = [(True, True, 1), (False, True, 1)]
+            variants = [(True, True, 1, "default"), (False, True, 1, "default")]
             if kind == "celery":  # short-lived runs flush as they end: no interval to pace
-                variants.append((True, False, 1))
+                variants.append((True, False, 1, "default"))
                 if a.spread > 1:
-                    variants.append((True, True, a.spread))
-            for check, pacing, spread in (variants if i % 2 == 0 else variants[::-1]):
-                r = row(kind, n, check, pacing, a, spread=spread)
+                    variants.append((True, True, a.spread, "default"))
+                if a.buckets != "default":  # a node's histograms are most of its group
+                    variants.append((True, True, 1, a.buckets))
+            for check, pacing, spread, buckets in (variants if i % 2 == 0 else variants[::-1]):
+                r = row(kind, n, check, pacing, a, spread=spread, buckets=buckets)
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
     timeline: list[tuple[float, float, float, float]] = []
@@ -378,8 +388,8 @@ def main() -> None:
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for r in sorted(rows, key=lambda r: (r["kind"], r["nodes"], r["gateways"], r["check"],
-                                         r["pacing"])):
+    for r in sorted(rows, key=lambda r: (r["kind"], r["nodes"], r["gateways"], r["buckets"],
+                                         r["check"], r["pacing"])):
         print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v)
                                 for v in r.values()) + " |")
     if timeline:

@@ -123,6 +123,8 @@ def _app_settings(app: Celery) -> dict[str, str]:
             value = app.conf[key]
             if isinstance(value, dict):
                 value = ",".join(f"{k}={v}" for k, v in value.items())
+            elif isinstance(value, (list, tuple)):  # several URLs, bucket bounds
+                value = ",".join(str(v) for v in value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             out[PREFIX + key[len("orchestrator_push_") :].upper()] = str(value)

@@ -9,6 +9,7 @@ overrides > environment > framework source > defaults.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -29,6 +30,15 @@ _LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 #: Labels this library sets itself, or that Prometheus/Pushgateway give a meaning.
 RESERVED_LABELS = frozenset({"job", "flow", "task", "framework", "status", "instance", "le"})
+
+#: Upper bounds (seconds) of the duration histograms' buckets, ``+Inf`` aside:
+#: from sub-second Celery tasks to hour-long batch jobs.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600,
+)  # fmt: skip
+#: More buckets than this is a cardinality mistake: each is a series per task and outcome.
+MAX_BUCKETS = 30
+_NO_BUCKETS = frozenset({"none", "off"})
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -98,6 +108,9 @@ class Config:
     #: How late a scheduled run may start (Celery beat, Airflow, Prefect; exec
     #: has --grace); None: 5 minutes, or one period of the schedule if shorter.
     schedule_grace: float | None = None
+    #: Upper bounds of the duration histograms' buckets in seconds, ascending;
+    #: ``+Inf`` is always added. Empty: only ``+Inf`` (counts and sums).
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -262,6 +275,26 @@ def _seconds(var: str, raw: object) -> float:
     return _positive(var, raw)
 
 
+def _buckets(var: str, raw: object) -> tuple[float, ...]:
+    """``0.1,1,10`` (durations such as ``5m`` too), ``none``, or a sequence in code."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lower() in _NO_BUCKETS:
+            return ()
+        items: list[object] = [item.strip() for item in text.split(",")]
+        if any(item == "" for item in items):
+            raise ConfigError(var, "an empty item in the list of bucket bounds")
+        if any(str(item).lower() in ("inf", "+inf") for item in items):
+            raise ConfigError(var, "+Inf is always added; list only the finite bounds")
+    elif isinstance(raw, (list, tuple)):
+        items = list(raw)
+    else:
+        raise ConfigError(var, f"expected bounds in seconds separated by commas, got {raw!r}")
+    bounds = tuple(float(_seconds(var, item)) for item in items)
+    check_buckets(bounds)  # here too, so an error names the source it came from
+    return bounds
+
+
 def _optional_text(var: str, raw: object) -> str | None:
     return None if raw is None else _text(var, raw).strip()
 
@@ -276,6 +309,7 @@ _PARSERS: dict[str, Callable[[str, object], object]] = {
     "SPOOL_DIR": _spool_dir,
     "GROUP_TTL": lambda var, raw: None if raw is None else _seconds(var, raw),
     "SCHEDULE_GRACE": lambda var, raw: None if raw is None else _seconds(var, raw),
+    "BUCKETS": _buckets,
     "REPLICAS": lambda var, raw: int(_positive(var, raw, int)),
     "MAX_GROUPS": lambda var, raw: int(_positive(var, raw, int)),
     "SPOOL_MAX_BYTES": lambda var, raw: int(_positive(var, raw, int)),
@@ -398,6 +432,7 @@ def _check(c: Config) -> None:
             continue
         if not isinstance(value, (int, float)) or not value > 0:
             raise ConfigError(PREFIX + n.upper(), f"must be greater than 0, got {value!r}")
+    check_buckets(c.buckets)
     for name, value in c.labels.items():
         if name in RESERVED_LABELS or name.startswith("__") or not _LABEL_NAME_RE.match(name):
             raise ConfigError(PREFIX + "LABELS", f"label {name!r} is reserved or invalid")
@@ -407,3 +442,18 @@ def _check(c: Config) -> None:
     for url in c.urls:
         if url.startswith("https://") and not c.tls_verify:
             log.warning("orchestrator_push: TLS certificate verification is OFF for %s", url)
+
+
+def check_buckets(bounds: object) -> None:
+    """Raise ConfigError unless ``bounds`` are a valid tuple of finite bucket bounds."""
+    var = PREFIX + "BUCKETS"
+    if not isinstance(bounds, tuple) or not all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds
+    ):
+        raise ConfigError(var, "expected a tuple of numbers (seconds)")
+    if len(bounds) > MAX_BUCKETS:
+        raise ConfigError(var, f"at most {MAX_BUCKETS} bounds, got {len(bounds)}")
+    if any(not math.isfinite(b) or b <= 0 for b in bounds):
+        raise ConfigError(var, "every bound must be a finite number of seconds above 0")
+    if any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise ConfigError(var, f"bounds must be in ascending order, each once, got {bounds!r}")

@@ -83,7 +83,7 @@ class Engine:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
-        self._table = Table(c.job, c.labels, c.max_groups, c.group_ttl)
+        self._table = Table(c.job, c.labels, c.max_groups, c.group_ttl, c.buckets)
         self._ledger = Ledger()
         self._spool = Spool(c.spool_dir, c.spool_max_bytes) if c.spool_dir else None
         self._replayer = (
@@ -393,6 +393,7 @@ class Engine:
                     host_counts.group_key(job, self.config.labels),
                     framework,
                     self.config.group_ttl or DEFAULT_TTL,
+                    self.config.buckets,
                 )
             return h
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping
 
 from . import schema
+from .config import DEFAULT_BUCKETS
 from .ledger import Ledger, Loss
 from .logs import warn_limited
 from .records import FlowRecord, TaskRecord
@@ -75,9 +76,16 @@ class HostCounts:
     them to the host's store."""
 
     def __init__(
-        self, directory: str, key: schema.GroupKey, framework: str = "", ttl: float = 0.0
+        self,
+        directory: str,
+        key: schema.GroupKey,
+        framework: str = "",
+        ttl: float = 0.0,
+        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
     ) -> None:
-        """``framework`` and ``ttl`` (when above 0): the group's declared expiry."""
+        """``framework`` and ``ttl`` (when above 0): the group's declared expiry.
+        ``buckets``: the duration histograms' bounds; counts the store kept with
+        other bounds are moved to these (:func:`schema.rebucket`)."""
         self.key = key
         self._framework = framework
         self._ttl = ttl
@@ -86,7 +94,8 @@ class HostCounts:
         self._name = hashlib.sha256(self.path.encode()).hexdigest()[:24]
         self._lock = threading.Lock()  # the counts
         self._delivering = threading.Lock()
-        self._counts = schema.Cumulative()
+        self._buckets = buckets
+        self._counts = schema.Cumulative(buckets)
 
     def __repr__(self) -> str:
         return f"<HostCounts {self.path} pending={self.pending()}>"
@@ -130,7 +139,7 @@ class HostCounts:
             n = len(self._counts)
             if n == 0:  # the usual case after a sender cycle: nothing new
                 return True
-            mine, self._counts = self._counts, schema.Cumulative()
+            mine, self._counts = self._counts, schema.Cumulative(self._buckets)
         try:
             os.makedirs(self._dir, mode=0o700, exist_ok=True)
             fd = os.open(
@@ -159,6 +168,7 @@ class HostCounts:
                         "version": VERSION,
                         "group": self.path,
                         "absorbed": kept + merged,
+                        "bounds": list(self._buckets),
                         "series": totals.dump(),
                     },
                 )
@@ -192,13 +202,13 @@ class HostCounts:
             os.close(fd)
 
     def _load(self) -> tuple[schema.Cumulative, list[str]]:
-        totals = schema.Cumulative()
+        totals = schema.Cumulative(self._buckets)
         try:
             with open(self.store, encoding="utf-8") as f:
                 data = json.load(f)
             if data.get("version") != VERSION:
                 raise ValueError("version")
-            totals.absorb(data["series"])
+            self._absorb(totals, data, self.store)
             return totals, [str(p) for p in data.get("absorbed", [])]
         except FileNotFoundError:
             pass
@@ -215,8 +225,24 @@ class HostCounts:
                 self.store,
                 bad,
             )
-            totals = schema.Cumulative()
+            totals = schema.Cumulative(self._buckets)
         return totals, []
+
+    def _absorb(self, totals: schema.Cumulative, data: dict[str, object], path: str) -> None:
+        """Add a store's or pending file's counts; a file without bounds was
+        written before they could be chosen, with the default ones."""
+        bounds = data.get("bounds", list(DEFAULT_BUCKETS))
+        if not isinstance(bounds, list) or not isinstance(data["series"], list):
+            raise ValueError("layout")
+        totals.absorb(data["series"], bounds)
+        if tuple(bounds) != self._buckets:
+            warn_limited(
+                "host-counts-buckets",
+                "orchestrator_push: the host's counts in %s were kept with other bucket "
+                "bounds (ORCHESTRATOR_PUSH_BUCKETS changed, or differs between this host's "
+                "processes); moved to this process's bounds",
+                path,
+            )
 
     def _merge_pending(self, totals: schema.Cumulative, absorbed: list[str]) -> list[str]:
         """Add in the pending files of this group; their names."""
@@ -231,7 +257,7 @@ class HostCounts:
                 continue
             try:
                 with open(entry.path, encoding="utf-8") as f:
-                    totals.absorb(json.load(f)["series"])
+                    self._absorb(totals, json.load(f), entry.path)
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # a file being written (not renamed yet cannot match) or damaged
             merged.append(entry.name)
@@ -240,7 +266,10 @@ class HostCounts:
     def _leave_pending(self, mine: schema.Cumulative, ledger: Ledger, n: int) -> bool:
         name = f"{_PENDING}{self._name}-{os.getpid()}-{time.time_ns()}.json"
         try:
-            _write(os.path.join(self._dir, name), {"version": VERSION, "series": mine.dump()})
+            _write(
+                os.path.join(self._dir, name),
+                {"version": VERSION, "bounds": list(self._buckets), "series": mine.dump()},
+            )
         except OSError as exc:
             return self._lost(ledger, n, exc)
         warn_limited(

@@ -10,8 +10,7 @@ from __future__ import annotations
 import base64
 import bisect
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import Enum
 
 from prometheus_client.exposition import generate_latest
@@ -22,6 +21,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from .config import DEFAULT_BUCKETS, check_buckets
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord, statuses_for
 
 GroupKey = tuple[tuple[str, str], ...]
@@ -38,28 +38,6 @@ class GroupKind(str, Enum):
     def __str__(self) -> str:  # the same in f-strings on every Python
         return self.value
 
-
-#: Bucket bounds (seconds) of ``task_duration_seconds``: from sub-second Celery
-#: tasks to hour-long batch jobs.
-DURATION_BUCKETS: tuple[float, ...] = (
-    0.01,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    120,
-    300,
-    600,
-    1800,
-    3600,
-    float("inf"),
-)
 
 _INF = float("inf")
 
@@ -337,39 +315,70 @@ def _single(ns: str, rec: TaskRecord | FlowRecord) -> list[Metric]:
 CumulativeKey = tuple[str, str, str, str]  # framework, flow, task, status
 
 
-@dataclass
+def rebucket(old: Sequence[float], counts: list[int], new: Sequence[float]) -> list[int]:
+    """Per-bucket counts kept with the ``old`` bounds, moved to the ``new`` ones
+    (both ending with +Inf). Each old bucket goes to the first new bucket whose
+    bound is at or above its own: exact when the new bounds are some of the old
+    ones, and the count at any bound both have is unchanged (so it never goes
+    down at the gateway); otherwise a duration may land above its own bucket,
+    never below it.
+
+    >>> rebucket([1, 5, 10, float("inf")], [2, 3, 4, 1], [5, float("inf")])
+    [5, 5]
+    """
+    out = [0] * len(new)
+    for bound, n in zip(old, counts, strict=True):
+        out[bisect.bisect_left(new, bound)] += n
+    return out
+
+
+def _bounds(raw: object) -> tuple[float, ...]:
+    """Finite bounds read back from a file; ValueError unless valid."""
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError("bounds")
+    out = tuple(raw)
+    check_buckets(out)
+    return tuple(float(b) for b in out)
+
+
 class _Series:
-    labels: list[str]  # framework, flow, task(, status) as sent (names cleaned)
-    count: int = 0
-    total: float = 0.0
-    buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    __slots__ = ("bounds", "buckets", "count", "labels", "total")
+
+    def __init__(self, labels: list[str], bounds: tuple[float, ...]) -> None:
+        self.labels = labels  # framework, flow, task(, status) as sent (names cleaned)
+        self.bounds = bounds  # ending with +Inf
+        self.count = 0
+        self.total = 0.0
+        self.buckets = [0] * len(bounds)
 
     def observe(self, value: float) -> None:
         self.count += 1
         self.total += value
-        self.buckets[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
+        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
 
     def cumulative(self) -> list[tuple[str, float]]:
         out, acc = [], 0
-        for bound, n in zip(DURATION_BUCKETS, self.buckets, strict=True):
+        for bound, n in zip(self.bounds, self.buckets, strict=True):
             acc += n
             out.append((_le(bound), float(acc)))
         return out
 
 
-@dataclass
 class Cumulative:
     """Cumulative counts and duration histograms of one long-lived process (or node)."""
 
-    #: by the record's own names (the fast path), and by the names as sent: two
-    #: spellings that clean to one label value share one series.
-    series: dict[CumulativeKey, _Series] = field(default_factory=dict)
-    _sent: dict[tuple[str, ...], _Series] = field(default_factory=dict)
-    #: queue waits by (framework, flow, task), the record's names and as sent
-    queued: dict[tuple[str, str, str], _Series] = field(default_factory=dict)
-    _queued_sent: dict[tuple[str, ...], _Series] = field(default_factory=dict)
-    #: flow runs by (framework, flow, status) as sent
-    _flows: dict[tuple[str, ...], _Series] = field(default_factory=dict)
+    def __init__(self, bounds: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+        """``bounds``: the buckets' finite upper bounds, ascending (``+Inf`` is added)."""
+        self.bounds = (*bounds, _INF)
+        #: by the record's own names (the fast path), and by the names as sent: two
+        #: spellings that clean to one label value share one series.
+        self.series: dict[CumulativeKey, _Series] = {}
+        self._sent: dict[tuple[str, ...], _Series] = {}
+        #: queue waits by (framework, flow, task), the record's names and as sent
+        self.queued: dict[tuple[str, str, str], _Series] = {}
+        self._queued_sent: dict[tuple[str, ...], _Series] = {}
+        #: flow runs by (framework, flow, status) as sent
+        self._flows: dict[tuple[str, ...], _Series] = {}
 
     def add(self, rec: TaskRecord) -> None:
         """Count one attempt; its duration must be finite and not negative."""
@@ -377,7 +386,7 @@ class Cumulative:
         s = self.series.get(key)
         if s is None:
             labels = [rec.framework, clean_value(rec.flow), clean_value(rec.task), rec.status]
-            s = self.series[key] = _shared(self._sent, labels)
+            s = self.series[key] = self._shared(self._sent, labels)
         s.observe(rec.duration)
         q = rec.queued
         if q is not None and 0.0 <= q < _INF:
@@ -385,13 +394,13 @@ class Cumulative:
             qs = self.queued.get(qkey)
             if qs is None:
                 labels = [rec.framework, clean_value(rec.flow), clean_value(rec.task)]
-                qs = self.queued[qkey] = _shared(self._queued_sent, labels)
+                qs = self.queued[qkey] = self._shared(self._queued_sent, labels)
             qs.observe(q)
 
     def add_flow(self, rec: FlowRecord) -> None:
         """Count one flow run; its duration must be finite and not negative."""
         labels = [rec.framework, clean_value(rec.flow), rec.status]
-        _shared(self._flows, labels).observe(rec.duration)
+        self._shared(self._flows, labels).observe(rec.duration)
 
     def dump(self) -> list[dict[str, object]]:
         """Runs and durations as plain data (queue waits are not carried); a
@@ -401,27 +410,40 @@ class Cumulative:
             for s in [*self._sent.values(), *self._flows.values()]
         ]
 
-    def absorb(self, rows: Iterable[Mapping[str, object]]) -> None:
-        """Add what :meth:`dump` wrote. Raises ValueError on a row of another
-        shape (another bucket layout): nothing of that call is added then."""
+    def absorb(
+        self, rows: Iterable[Mapping[str, object]], bounds: Sequence[float] | None = None
+    ) -> None:
+        """Add what :meth:`dump` wrote; ``bounds``: the finite bounds it was
+        counted with (None: this one's). Counts kept with other bounds move to
+        these (:func:`rebucket`). Raises ValueError on a row of another shape:
+        nothing of that call is added then."""
+        theirs = self.bounds if bounds is None else (*_bounds(bounds), _INF)
         parsed = []
         for row in rows:
             labels, buckets = row["labels"], row["buckets"]
             if not isinstance(labels, list) or len(labels) not in (3, 4):
                 raise ValueError("labels")
-            if not isinstance(buckets, list) or len(buckets) != len(DURATION_BUCKETS):
+            if not isinstance(buckets, list) or len(buckets) != len(theirs):
                 raise ValueError("buckets")
             count, total = row["count"], row["sum"]
             if not isinstance(count, int) or not isinstance(total, (int, float)):
                 raise ValueError("count")
-            parsed.append(
-                ([str(v) for v in labels], count, float(total), [int(n) for n in buckets])
-            )
+            counts = [int(n) for n in buckets]
+            if theirs != self.bounds:
+                counts = rebucket(theirs, counts, self.bounds)
+            parsed.append(([str(v) for v in labels], count, float(total), counts))
         for labels, count, total, counts in parsed:
-            s = _shared(self._sent if len(labels) == 4 else self._flows, labels)
+            s = self._shared(self._sent if len(labels) == 4 else self._flows, labels)
             s.count += count
             s.total += total
             s.buckets = [a + b for a, b in zip(s.buckets, counts, strict=True)]
+
+    def _shared(self, sent: dict[tuple[str, ...], _Series], labels: list[str]) -> _Series:
+        """The series sent with these labels: two spellings that clean to one value share it."""
+        s = sent.get(tuple(labels))
+        if s is None:
+            s = sent[tuple(labels)] = _Series(labels, self.bounds)
+        return s
 
     def __len__(self) -> int:
         return sum(s.count for s in [*self._sent.values(), *self._flows.values()])
@@ -460,14 +482,6 @@ class Cumulative:
                 flow_hist.add_metric(s.labels, s.cumulative(), s.total)
             fams += [flow_runs, flow_hist]
         return fams
-
-
-def _shared(sent: dict[tuple[str, ...], _Series], labels: list[str]) -> _Series:
-    """The series sent with these labels: two spellings that clean to one value share it."""
-    s = sent.get(tuple(labels))
-    if s is None:
-        s = sent[tuple(labels)] = _Series(labels)
-    return s
 
 
 #: (flow, task) -> (attempts in progress, unix start time of the oldest)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 
 from . import schema
+from .config import DEFAULT_BUCKETS
 from .logs import warn_limited
 from .records import FAILURE_STATUSES, SUCCESS, FlowRecord, TaskRecord
 from .schema import GroupKey, GroupKind
@@ -120,8 +121,14 @@ class Group:
     )
 
     def __init__(
-        self, kind: GroupKind, key: GroupKey, framework: str, ttl: float = DEFAULT_TTL
+        self,
+        kind: GroupKind,
+        key: GroupKey,
+        framework: str,
+        ttl: float = DEFAULT_TTL,
+        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
     ) -> None:
+        """``buckets``: the duration histograms' bounds of a counters group."""
         self.kind = kind
         self.key = key
         self.path = schema.group_path(key)
@@ -143,7 +150,7 @@ class Group:
         self.newest_start = _NEVER
         self.schedule: Schedule = None  # not yet sent
         self.ttl = ttl
-        self.counts = schema.Cumulative() if kind is GroupKind.COUNTERS else None
+        self.counts = schema.Cumulative(buckets) if kind is GroupKind.COUNTERS else None
         self.node: Node | None = None  # counters groups of long-lived processes
         self.pending = 0  # records folded in and not yet committed
         self.seq = 0  # sequence number of the last fold (also the eviction order)
@@ -255,13 +262,16 @@ class Table:
         static: Mapping[str, str],
         max_groups: int,
         ttl: float | None = None,
+        buckets: tuple[float, ...] = DEFAULT_BUCKETS,
     ) -> None:
         """``ttl``: every group's expiry; None: :data:`DEFAULT_TTL`, longer for
-        a group whose schedule's intervals are long (:meth:`schedule`)."""
+        a group whose schedule's intervals are long (:meth:`schedule`).
+        ``buckets``: the duration histograms' bounds in counters groups."""
         self._job = job
         self._static = tuple(sorted(static.items()))
         self.max_groups = max_groups
         self._ttl = ttl
+        self._buckets = buckets
         self._groups: dict[GroupKey, Group] = {}
         self._index: dict[tuple[object, ...], Group] = {}
         self._dirty: dict[Group, None] = {}  # insertion-ordered set
@@ -434,7 +444,7 @@ class Table:
             if len(self._groups) >= self.max_groups and not self._evict():
                 return None
             ttl = DEFAULT_TTL if self._ttl is None else self._ttl
-            g = self._groups[key] = Group(kind, key, framework, ttl)
+            g = self._groups[key] = Group(kind, key, framework, ttl, self._buckets)
         g.aliases.append(alias)
         self._index[alias] = g
         return g

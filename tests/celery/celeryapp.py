@@ -21,6 +21,9 @@ app.conf.update(
     result_expires=600,
 )
 
+if os.environ.get("TEST_APP_CONF_BUCKETS"):  # as a user sets it: a list in app.conf
+    app.conf.orchestrator_push_buckets = [float(b) for b in os.environ["TEST_APP_CONF_BUCKETS"].split(",")]
+
 instrument(app)
 instrument(app)  # idempotent: every test below would double-count otherwise
 

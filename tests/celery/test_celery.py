@@ -161,6 +161,26 @@ def test_app_conf_settings(pushgateway: Pushgateway, app, start_worker) -> None:
     assert g.value(f"{NS}_task_last_status", status="success") == 1
 
 
+def test_bucket_bounds_from_app_conf_in_a_prefork_worker(pushgateway: Pushgateway, app,
+                                                         start_worker) -> None:
+    """``app.conf.orchestrator_push_buckets = [0.5, 5.0]``: the node's histograms
+    have those bounds and +Inf only, with each task's durations where the
+    result backend's results put them (four quick ones, one of 0.6 s)."""
+    worker = start_worker(pushgateway.url, "--pool", "prefork", "-c", "2",
+                          env={"TEST_APP_CONF_BUCKETS": "0.5,5"})
+    metas = wait_results([*(app.ok.delay(i) for i in range(4)), app.sleep.delay(0.6)], worker)
+    assert [m["result"] for m in metas] == [0, 1, 2, 3, 0.6]
+    assert worker.stop() == 0
+    h = pushgateway.group(job="celery", instance=cumulative_groups(pushgateway)[0]["instance"])
+
+    def buckets(task: str) -> dict[str, float]:
+        return {lab["le"]: v for lab, v in h.metrics[f"{NS}_task_duration_seconds"]
+                if lab["task"] == task and "le" in lab}
+
+    assert buckets("shop.ok") == {"0.5": 4, "5": 4, "+Inf": 4}
+    assert buckets("shop.sleep") == {"0.5": 0, "5": 1, "+Inf": 1}
+
+
 def test_a_record_a_pool_child_cannot_hand_over_is_counted_by_the_node(
         pushgateway: Pushgateway, app, start_worker) -> None:
     worker = start_worker(pushgateway.url, "--pool", "prefork", "-c", "1")

@@ -70,6 +70,13 @@ def test_precedence_overrides_then_env_then_fallback() -> None:
         ("ORCHESTRATOR_PUSH_TLS_VERIFY", "sometimes", "true or false"),
         ("ORCHESTRATOR_PUSH_CA_BUNDLE", "/nonexistent/ca.pem", "not readable"),
         ("ORCHESTRATOR_PUSH_PASSWORD_FILE", "/nonexistent/pw", "cannot read"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", "1,0.5", "ascending"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", "1,1", "each once"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", "0,1", "greater than 0"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", "1,,5", "empty item"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", "1,+Inf", "always added"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", "fast,slow", "duration"),
+        ("ORCHESTRATOR_PUSH_BUCKETS", ",".join(str(i) for i in range(1, 32)), "at most 30"),
     ],
 )
 def test_invalid_values_name_the_variable(variable: str, value: str, fragment: str) -> None:
@@ -208,3 +215,24 @@ def test_a_framework_value_names_where_it_was_set() -> None:
                     fallback_source="app.conf.orchestrator_push_{name}")
     assert info.value.variable == "ORCHESTRATOR_PUSH_INTERVAL"
     assert "app.conf.orchestrator_push_interval" in str(info.value)
+
+
+def test_bucket_bounds_from_every_source() -> None:
+    assert load_config({}).buckets == (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                                        300, 600, 1800, 3600)
+    assert load_config({"ORCHESTRATOR_PUSH_BUCKETS": " 0.5, 5 ,1m,1h"}).buckets == (
+        0.5, 5.0, 60.0, 3600.0)
+    assert load_config({"ORCHESTRATOR_PUSH_BUCKETS": "none"}).buckets == ()
+    assert load_config({}, buckets=[0.1, 2]).buckets == (0.1, 2.0)
+    assert load_config({}, buckets="off").buckets == ()
+    assert load_config({}, fallback={"ORCHESTRATOR_PUSH_BUCKETS": "2,4"}).buckets == (2.0, 4.0)
+    with pytest.raises(ConfigError) as info:
+        load_config({}, fallback={"ORCHESTRATOR_PUSH_BUCKETS": "4,2"},
+                    fallback_source="airflow.cfg [orchestrator_push] {name}")
+    assert info.value.variable == "ORCHESTRATOR_PUSH_BUCKETS"
+    assert "airflow.cfg [orchestrator_push] buckets" in str(info.value)
+    for bad in (5, [1, True], [2, 1], [float("inf")], (0.5,) * 2):
+        with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_PUSH_BUCKETS: "):
+            load_config({}, buckets=bad)
+    with pytest.raises(ConfigError, match=r"^ORCHESTRATOR_PUSH_BUCKETS: "):
+        Config(buckets=(3.0, 1.0))

@@ -4,6 +4,7 @@ a real gateway, the store's file lock held by this test where it says so."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 
@@ -233,3 +234,40 @@ def test_a_child_forked_while_the_store_is_locked_does_not_keep_the_lock(
             os.kill(pid, 9)
             os.waitpid(pid, 0)
     assert host_group(pushgateway) == {"success": 1}
+
+
+def test_chosen_buckets_reach_the_gateway_and_a_change_keeps_the_counts(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    """Runs of one host with the default bounds, then 0.5,5 (some of them: the
+    counts move exactly), then none: the count, the sum and every bound kept
+    stay as they were, the gateway holds only the bounds of the newest run."""
+    spool = os.path.join(str(tmp_path), "spool")
+
+    def run(cmd: str, **env: str) -> subprocess.CompletedProcess[str]:
+        full = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
+                "ORCHESTRATOR_PUSH_SPOOL_DIR": spool, **env}
+        p = subprocess.run([*cli(), "exec", "--verbose", "--job", "cron", "--", "sh", "-c", cmd],
+                           env=full, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    def buckets() -> tuple[dict[str, float], float, float]:
+        g = pushgateway.group(job="cron", instance=host_counts.instance())
+        name = f"{NS}_task_duration_seconds"
+        les = {lab["le"]: v for lab, v in g.metrics[name] if "le" in lab}
+        return les, g.value(name, __count__="1"), g.value(name, __sum__="1")
+
+    run("true")
+    run("sleep 0.6")  # between 0.5 and 1 s: the default bounds have both
+    les, count, total = buckets()
+    assert les["0.5"] == 1 and les["1"] == 2 and count == 2 and len(les) == 17  # with +Inf
+    p = run("true", ORCHESTRATOR_PUSH_BUCKETS="0.5,5")
+    assert "kept with other bucket bounds" in p.stderr
+    les, count, total2 = buckets()
+    assert les == {"0.5": 2, "5": 3, "+Inf": 3} and count == 3 and total2 > total
+    assert "kept with other" not in run("true", ORCHESTRATOR_PUSH_BUCKETS="0.5,5").stderr
+    run("true", ORCHESTRATOR_PUSH_BUCKETS="none")
+    les, count, total3 = buckets()
+    assert les == {"+Inf": 5} and count == 5 and total3 > total2
+    with open(store_of(spool).store) as f:
+        assert json.load(f)["bounds"] == []

@@ -67,3 +67,45 @@ def test_histogram_buckets_are_cumulative() -> None:
     buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
     assert buckets["0.01"] == 1 and buckets["0.25"] == 1 and buckets["0.5"] == 3
     assert buckets["3600.0"] == 3 and buckets["+Inf"] == 4
+
+
+def test_chosen_bounds_are_the_only_buckets_and_none_keeps_count_and_sum() -> None:
+    cum = schema.Cumulative((0.5, 5.0))
+    for d in (0.001, 0.5, 0.6, 7200.0):
+        cum.add(TaskRecord("celery", "a", "t", "success", 1.0, d))
+    cum.add_flow(FlowRecord("celery", "a", "success", 1.0, 3.0))
+    text = schema.encode(cum.families("ns")).decode()
+    les = sorted({line.split('le="')[1].split('"')[0] for line in text.splitlines()
+                  if "_bucket{" in line})
+    assert les == ["+Inf", "0.5", "5.0"]
+    _runs, hist, _flow_runs, flow_hist = cum.families("ns")
+    buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+    assert buckets == {"0.5": 2, "5.0": 3, "+Inf": 4}
+    assert [s.value for s in flow_hist.samples if s.name.endswith("_bucket")] == [0, 1, 1]
+    bare = schema.Cumulative(())
+    bare.add(TaskRecord("celery", "a", "t", "success", 1.0, 2.0))
+    samples = {(s.name, s.labels.get("le")): s.value for s in bare.families("ns")[1].samples}
+    assert samples == {("ns_task_duration_seconds_bucket", "+Inf"): 1,
+                       ("ns_task_duration_seconds_count", None): 1,
+                       ("ns_task_duration_seconds_sum", None): 2.0}
+
+
+def test_counts_kept_with_other_bounds_move_to_these() -> None:
+    inf = float("inf")
+    old = schema.Cumulative((0.1, 1.0, 10.0))
+    for d in (0.05, 0.5, 0.5, 5.0, 50.0):
+        old.add(TaskRecord("exec", "f", "t", "success", 1.0, d))
+    coarse = schema.Cumulative((1.0,))
+    coarse.absorb(old.dump(), [0.1, 1.0, 10.0])
+    assert coarse.dump() == [{"labels": ["exec", "f", "t", "success"], "count": 5, "sum": 56.05,
+                              "buckets": [3, 2]}]
+    # not a subset: a count moves up to the next new bound (50 s, above the old
+    # 10, lands in +Inf, not at 100); at the bound both have (1) it is unchanged
+    other = schema.Cumulative((0.5, 1.0, 100.0))
+    other.absorb(old.dump(), [0.1, 1.0, 10.0])
+    assert other.dump()[0]["buckets"] == [1, 2, 1, 1]
+    assert schema.rebucket([1.0, 5.0, inf], [1, 1, 1], [2.0, 5.0, inf]) == [1, 1, 1]
+    for bad in ([1.0, 0.5], [True], "1,2", [0.0]):
+        with pytest.raises(ValueError):
+            other.absorb(old.dump(), bad)  # type: ignore[arg-type]
+    assert len(other) == 5
