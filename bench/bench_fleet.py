@@ -41,6 +41,7 @@ push interval of the running nodes shows them come back to the configured one.
     python bench/bench_fleet.py [--nodes 5,20,50,100] [--kinds celery,airflow]
                                 [--tasks 20] [--rate 5] [--airflow-rate 1] [--seconds 15]
                                 [--spread 3] [--buckets 0.1,1,10,60] [--recovery-nodes 50]
+                                [--rounds 1] [--variants all|buckets]
 """
 
 from __future__ import annotations
@@ -343,6 +344,20 @@ def row(kind: str, nodes: int, check: bool, pacing: bool, a: argparse.Namespace,
             g.stop()
 
 
+def median_row(rs: list[dict[str, object]]) -> dict[str, object]:
+    """One variant's rounds: the median of each measure, correct if every round was."""
+    out = dict(rs[0])
+    for key, value in rs[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(float(r[key]) for r in rs)  # type: ignore[arg-type]
+        elif isinstance(value, bool):
+            out[key] = all(r[key] for r in rs)
+        elif isinstance(value, int) and key != "nodes" and key != "gateways":
+            out[key] = int(statistics.median(int(r[key]) for r in rs))  # type: ignore[call-overload]
+    out["rounds"] = len(rs)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--nodes", default="5,20,50,100")
@@ -358,24 +373,35 @@ def main() -> None:
                     help="celery: also this many gateways (check on; 1: not)")
     ap.add_argument("--buckets", default="0.1,1,10,60",
                     help="celery: also with these bucket bounds (check on; 'default': not)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds of each variant, interleaved; a row is their median")
+    ap.add_argument("--variants", choices=("all", "buckets"), default="all",
+                    help="buckets: only default bounds against --buckets, check on and off")
     ap.add_argument("--recovery-nodes", type=int, default=50,
                     help="nodes of the recovery run (consistency check on), before nine in ten stop")
     a = ap.parse_args()
     rows = []
     for kind in a.kinds.split(","):
         for i, n in enumerate(int(x) for x in a.nodes.split(",")):
-            # the variants side by side, their order alternating
             variants = [(True, True, 1, "default"), (False, True, 1, "default")]
-            if kind == "celery":  # short-lived runs flush as they end: no interval to pace
+            if kind == "celery" and a.variants == "buckets":  # the bucket set, check on and off
+                variants += [(True, True, 1, a.buckets), (False, True, 1, a.buckets)]
+            elif kind == "celery":  # short-lived runs flush as they end: no interval to pace
                 variants.append((True, False, 1, "default"))
                 if a.spread > 1:
                     variants.append((True, True, a.spread, "default"))
                 if a.buckets != "default":  # a node's histograms are most of its group
                     variants.append((True, True, 1, a.buckets))
-            for check, pacing, spread, buckets in (variants if i % 2 == 0 else variants[::-1]):
-                r = row(kind, n, check, pacing, a, spread=spread, buckets=buckets)
-                rows.append(r)
-                print(json.dumps(r), file=sys.stderr, flush=True)
+            # the variants side by side, their order alternating; a variant's
+            # row is the median of its rounds
+            runs: dict[tuple[bool, bool, int, str], list[dict[str, object]]] = {}
+            for k in range(a.rounds):
+                for v in (variants if (i + k) % 2 == 0 else variants[::-1]):
+                    check, pacing, spread, buckets = v
+                    r = row(kind, n, check, pacing, a, spread=spread, buckets=buckets)
+                    runs.setdefault(v, []).append(r)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+            rows += [median_row(rs) for rs in runs.values()]
     timeline: list[tuple[float, float, float, float]] = []
     if "celery" in a.kinds and a.recovery_nodes:
         biggest = a.recovery_nodes
