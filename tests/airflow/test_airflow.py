@@ -112,10 +112,25 @@ def counts(gw: Pushgateway) -> dict[tuple[str, str], float]:
 def test_airflow_cfg_section_is_read(airflow_env: dict[str, str], pushgateway: Pushgateway) -> None:
     p = run_sample(airflow_env, AIRFLOW__ORCHESTRATOR_PUSH__URL=pushgateway.url,
                    AIRFLOW__ORCHESTRATOR_PUSH__JOB="from-cfg",
-                   AIRFLOW__ORCHESTRATOR_PUSH__LABELS="env=test")
+                   AIRFLOW__ORCHESTRATOR_PUSH__LABELS="env=test",
+                   AIRFLOW__ORCHESTRATOR_PUSH__BUCKETS="1m,1h")
     assert p.returncode == 0, p.stderr[-3000:]
     g = pushgateway.group(job="from-cfg", flow="sample", task="ok", env="test")
     assert g.value(f"{NS}_task_last_status", status="success") == 1
+    # the host's counts have the chosen bounds only; every try took under a minute
+    host = [h for h in pushgateway.groups() if h.labels.get("job") == "from-cfg"
+            and "instance" in h.labels]
+    assert len(host) == 1
+    series: dict[tuple[str, ...], dict[str, float]] = {}
+    for labels, v in host[0].metrics[f"{NS}_task_duration_seconds"]:
+        key = tuple(labels[k] for k in ("flow", "task", "status"))
+        name = labels.get("le", "count" if "__count__" in labels else "sum")
+        series.setdefault(key, {})[name] = v
+    assert series and sum(s["count"] for s in series.values()) == sum(
+        v for (task, _), v in COUNTS.items() if task != "sample")
+    for s in series.values():
+        assert set(s) == {"60", "3600", "+Inf", "count", "sum"}
+        assert s["60"] == s["3600"] == s["+Inf"] == s["count"]
 
 
 def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str]) -> None:
