@@ -66,6 +66,16 @@ class Group:
             raise KeyError(f"{name}{labels}: {len(matches)} samples in group {self.labels}")
         return matches[0]
 
+    def histogram(self, name: str) -> dict[tuple[tuple[str, str], ...], dict[str, float]]:
+        """A histogram's series by their labels: each ``le`` bound, ``count`` and ``sum``."""
+        out: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+        for labels, v in self.metrics.get(name, []):
+            key = tuple(sorted((k, x) for k, x in labels.items()
+                               if k not in ("le", "__count__", "__sum__")))
+            part = labels.get("le", "count" if "__count__" in labels else "sum")
+            out.setdefault(key, {})[part] = v
+        return out
+
 
 class Pushgateway:
     def __init__(self, port: int, proc: subprocess.Popen[bytes], args: list[str],

@@ -80,7 +80,8 @@ def _prefect_record(flow_run_ids: list[str]) -> tuple[dict[tuple[str, str], floa
 def test_concurrent_flow_runs_count_exactly(pushgateway: Pushgateway, api_url: str,
                                             tmp_path: Any) -> None:
     env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url, "PREFECT_API_URL": api_url,
-           "ORCHESTRATOR_PUSH_SPOOL_DIR": str(tmp_path / "spool")}
+           "ORCHESTRATOR_PUSH_SPOOL_DIR": str(tmp_path / "spool"),
+           "ORCHESTRATOR_PUSH_BUCKETS": "1m"}
     env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / f"mark{i}")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -98,3 +99,8 @@ def test_concurrent_flow_runs_count_exactly(pushgateway: Pushgateway, api_url: s
     assert pushgateway.counted() == expected  # at exit of each process: no wait
     groups = [g.labels for g in pushgateway.groups() if f"{NS}_task_runs_total" in g.metrics]
     assert len(groups) == 1 and groups[0]["job"] == "prefect"
+    # ORCHESTRATOR_PUSH_BUCKETS=1m: that bound and +Inf only, every attempt under a minute
+    series = pushgateway.group(**groups[0]).histogram(f"{NS}_task_duration_seconds")
+    assert sum(s["count"] for s in series.values()) == sum(expected[0].values())
+    for s in series.values():
+        assert set(s) == {"60", "+Inf", "count", "sum"} and s["60"] == s["count"]
