@@ -259,6 +259,7 @@ def check_prometheus(config: Config, prometheus: str) -> list[Check]:
         checks.append(Check("honor_labels: true", True, "pushed job labels are kept"))
     if len(config.urls) > 1:
         checks.append(_check_gateway_label(config, prometheus))
+    checks += _check_bucket_sets(config, prometheus)
     ours = _prom_query(prometheus, f'count({{__name__=~"{ns}_.+"}})', config.timeout)
     count = int(float(ours[0]["value"][1])) if ours else 0
     checks.append(
@@ -273,6 +274,47 @@ def check_prometheus(config: Config, prometheus: str) -> list[Check]:
         )
     )
     return checks
+
+
+def _check_bucket_sets(config: Config, prometheus: str) -> list[Check]:
+    """One histogram bucket set per job: ``sum by (le)`` over groups with
+    different bounds is wrong for the bounds some of them lack."""
+    rows = _prom_query(
+        prometheus,
+        f"group by (job, instance, le) ({config.namespace}_task_duration_seconds_bucket)",
+        config.timeout,
+    )
+    sets: dict[str, dict[str, set[str]]] = {}  # job -> instance -> its bounds
+    for r in rows:
+        m = r.get("metric", {})
+        sets.setdefault(m.get("job", ""), {}).setdefault(m.get("instance", ""), set()).add(
+            m.get("le", "")
+        )
+    mixed = []
+    for job, by_instance in sorted(sets.items()):
+        distinct: dict[frozenset[str], list[str]] = {}
+        for instance, les in sorted(by_instance.items()):
+            distinct.setdefault(frozenset(les), []).append(instance)
+        if len(distinct) > 1:
+            shown = "; ".join(
+                f"{','.join(sorted(les, key=float))} ({', '.join(instances)})"
+                for les, instances in sorted(distinct.items(), key=lambda kv: kv[1])
+            )
+            mixed.append(f"job {job!r}: {shown}")
+    if not sets:
+        return []
+    if not mixed:
+        return [Check("one histogram bucket set per job", True, f"{len(sets)} job(s)")]
+    return [
+        Check(
+            "one histogram bucket set per job",
+            True,
+            " | ".join(mixed),
+            "set the same ORCHESTRATOR_PUSH_BUCKETS in every process of a job: "
+            "histogram_quantile over sum by (le) is wrong for the bounds some groups lack",
+            warning=True,
+        )
+    ]
 
 
 def _check_gateway_label(config: Config, prometheus: str) -> Check:
