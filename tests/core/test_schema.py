@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator_push import schema
 from orchestrator_push.records import FlowRecord, TaskRecord
@@ -109,3 +111,24 @@ def test_counts_kept_with_other_bounds_move_to_these() -> None:
         with pytest.raises(ValueError):
             other.absorb(old.dump(), bad)  # type: ignore[arg-type]
     assert len(other) == 5
+
+
+_bounds = st.lists(st.sampled_from([0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0, 300.0, 3600.0]),
+                   max_size=8, unique=True).map(lambda b: (*sorted(b), float("inf")))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(old=_bounds, new=_bounds, data=st.data())
+def test_rebucketing_keeps_the_total_and_what_is_known_below_each_bound(
+        old: tuple[float, ...], new: tuple[float, ...], data: st.DataObject) -> None:
+    counts = data.draw(st.lists(st.integers(0, 50), min_size=len(old), max_size=len(old)))
+    moved = schema.rebucket(old, counts, new)
+    assert sum(moved) == sum(counts)
+
+    def at_or_below(bounds: tuple[float, ...], per: list[int], b: float) -> int:
+        return sum(n for bound, n in zip(bounds, per, strict=True) if bound <= b)
+
+    # at every new bound: exactly what was known to be at or below it (so a
+    # bound both sets have keeps its count, and nothing moves down)
+    for b in new:
+        assert at_or_below(new, moved, b) == at_or_below(old, counts, b)
