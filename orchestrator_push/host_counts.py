@@ -228,13 +228,14 @@ class HostCounts:
             totals = schema.Cumulative(self._buckets)
         return totals, []
 
-    def _absorb(self, totals: schema.Cumulative, data: dict[str, object], path: str) -> None:
-        """Add a store's or pending file's counts; a file without bounds was
-        written before they could be chosen, with the default ones."""
-        bounds = data.get("bounds", list(DEFAULT_BUCKETS))
-        if not isinstance(bounds, list) or not isinstance(data["series"], list):
+    def _absorb(self, totals: schema.Cumulative, data: object, path: str) -> None:
+        """Add a store's or pending file's counts (ValueError: another layout,
+        nothing added); a file without bounds was written before they could be
+        chosen, with the default ones."""
+        if not isinstance(data, dict) or not isinstance(data.get("series"), list):
             raise ValueError("layout")
-        totals.absorb(data["series"], bounds)
+        bounds = data.get("bounds", DEFAULT_BUCKETS)
+        totals.absorb(data["series"], bounds)  # checks the bounds
         if tuple(bounds) != self._buckets:
             warn_limited(
                 "host-counts-buckets",

@@ -271,3 +271,17 @@ def test_chosen_buckets_reach_the_gateway_and_a_change_keeps_the_counts(
     assert les == {"+Inf": 5} and count == 5 and total3 > total2
     with open(store_of(spool).store) as f:
         assert json.load(f)["bounds"] == []
+
+
+def test_a_pending_file_of_another_shape_is_left_and_the_run_counted(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    spool = os.path.join(str(tmp_path), "spool")
+    assert run_exec(pushgateway.url, spool, 0).returncode == 0
+    store = store_of(spool).store
+    name = os.path.basename(store)[: -len(".json")]
+    pending = os.path.join(os.path.dirname(store), f"pending-{name}-1-1.json")
+    with open(pending, "w") as f:
+        f.write("[]")  # valid JSON, not a pending file's object
+    assert run_exec(pushgateway.url, spool, 0).returncode == 0
+    assert host_group(pushgateway) == {"success": 2}
+    assert os.path.exists(pending)  # left alone, as a file being written would be
