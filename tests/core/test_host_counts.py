@@ -18,11 +18,13 @@ from orchestrator_push.records import TaskRecord
 NS = "orchestrator"
 
 
-def run_exec(url: str, spool: str, code: int = 0, job: str = "cron",
-             **env: str) -> subprocess.CompletedProcess[str]:
+def run_exec(url: str, spool: str, code: int = 0, job: str = "cron", script: str | None = None,
+             verbose: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+    """``exec`` of ``sh -c script`` (default: ``exit code``)."""
     full = {**os.environ, "ORCHESTRATOR_PUSH_URL": url, "ORCHESTRATOR_PUSH_SPOOL_DIR": spool,
             **env}
-    return subprocess.run([*cli(), "exec", "--job", job, "--", "sh", "-c", f"exit {code}"],
+    args = [*cli(), "exec", *(["--verbose"] if verbose else []), "--job", job]
+    return subprocess.run([*args, "--", "sh", "-c", script or f"exit {code}"],
                           env=full, capture_output=True, text=True, timeout=60)
 
 
@@ -244,10 +246,7 @@ def test_chosen_buckets_reach_the_gateway_and_a_change_keeps_the_counts(
     spool = os.path.join(str(tmp_path), "spool")
 
     def run(cmd: str, **env: str) -> subprocess.CompletedProcess[str]:
-        full = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url,
-                "ORCHESTRATOR_PUSH_SPOOL_DIR": spool, **env}
-        p = subprocess.run([*cli(), "exec", "--verbose", "--job", "cron", "--", "sh", "-c", cmd],
-                           env=full, capture_output=True, text=True, timeout=60)
+        p = run_exec(pushgateway.url, spool, script=cmd, verbose=True, **env)
         assert p.returncode == 0, p.stderr
         return p
 
