@@ -154,6 +154,27 @@ class AlertStack:
         self.am = Alertmanager(self.receiver.url)
         self.prom = Prometheus(self.gw.url, MATRIX_RULES, alertmanager=self.am.url)
 
+    def explain(self) -> str:
+        """What might hold an alert back: the alerts Prometheus has, pending or
+        firing; whether it failed to scrape a gateway in the last 10 minutes;
+        each alert's state at Alertmanager (suppressed, and by what)."""
+        lines = ["Prometheus ALERTS:"]
+        for r in self.prom.query("ALERTS"):
+            m = r["metric"]
+            lines.append(f"  {m.get('alertname')} {m.get('alertstate')} "
+                         + " ".join(f"{k}={v}" for k, v in sorted(m.items())
+                                    if k not in ("__name__", "alertname", "alertstate")))
+        for r in self.prom.query('min_over_time(up{job="pushgateway"}[10m])'):
+            lines.append(f"lowest up of {r['metric'].get('instance')} in 10 minutes: "
+                         f"{r['value'][1]}")
+        lines.append("Alertmanager:")
+        with urllib.request.urlopen(self.am.url + "/api/v2/alerts", timeout=5) as r:
+            for a in json.loads(r.read()):
+                lab = a["labels"]
+                lines.append(f"  {lab.get('alertname')} job={lab.get('job')} "
+                             f"{a['status']['state']} inhibited by {a['status']['inhibitedBy']}")
+        return "\n".join(lines)
+
     def stop(self) -> None:
         self.prom.stop()
         self.am.stop()
@@ -186,17 +207,21 @@ def arrived(receiver: Receiver, case: Case) -> dict[str, float]:
     return out
 
 
-def await_cases(receiver: Receiver, cases: list[Case], check: Any = None) -> None:
+def await_cases(stack: AlertStack, cases: list[Case], check: Any = None) -> None:
     """Wait for each case's expected alerts, up to its bound (and 5 s) past ``at``.
-    ``check`` (a function) is called while waiting: a component that died says so."""
+    ``check`` (a function) is called while waiting: a component that died says so.
+    A case that times out says what Prometheus and Alertmanager held then."""
     for case in cases:
         def done(case: Case = case) -> bool:
             if check is not None:
                 check()
-            return set(arrived(receiver, case)) >= set(case.expected)
+            return set(arrived(stack.receiver, case)) >= set(case.expected)
 
-        wait_until(done, case.at - time.time() + case.bound + 5, interval=0.5,
-                   what=f"{case.framework} {case.failure}: {sorted(case.expected)}")
+        try:
+            wait_until(done, case.at - time.time() + case.bound + 5, interval=0.5,
+                       what=f"{case.framework} {case.failure}: {sorted(case.expected)}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{stack.explain()}") from None
 
 
 def matrix_table(receiver: Receiver, cases: list[Case]) -> str:
@@ -281,7 +306,7 @@ class ScheduledFlow:
                       {"OrchestratorFlowMissed": "/pager"}, 20, at=due + self.grace,
                       since=stopped)
         try:
-            await_cases(self.stack.receiver, [missed])
+            await_cases(self.stack, [missed])
         finally:
             os.kill(proc.pid, signal.SIGCONT)
 
@@ -296,7 +321,7 @@ class ScheduledFlow:
         late = Case(self.framework, f"late: started once the {who} resumed",
                     {"flow": self.flow, "alertname": "OrchestratorFlowLate"},
                     {"OrchestratorFlowLate": "/chat"}, 20, at=started, since=stopped)
-        await_cases(self.stack.receiver, [late], check=self.check)
+        await_cases(self.stack, [late], check=self.check)
         return [missed, late], due, started, delay
 
     def killed(self, proc: subprocess.Popen[bytes], who: str, node: dict[str, str],
@@ -314,5 +339,5 @@ class ScheduledFlow:
                       since=killed)
         gone = Case(self.framework, f"{who} gone", {**node, "alertname": "OrchestratorWorkerDown"},
                     {"OrchestratorWorkerDown": "/pager"}, 40, at=killed + 120)
-        await_cases(self.stack.receiver, [missed, gone])
+        await_cases(self.stack, [missed, gone])
         return [missed, gone]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -15,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 INSTALL_HINT = (
@@ -352,6 +354,12 @@ class Prometheus:
         """``/api/v1/rules``: each rule group with its rules and last evaluation."""
         with urllib.request.urlopen(self.url + "/api/v1/rules", timeout=10) as r:
             return json.loads(r.read())["data"]["groups"]  # type: ignore[no-any-return]
+
+    def evaluated_since(self, t: float) -> bool:
+        """Every rule group evaluated after ``t`` (unix time): with what was scraped by then."""
+        stamps = [re.sub(r"(\.\d{6})\d*", r"\1", g["lastEvaluation"]).replace("Z", "+00:00")
+                  for g in self.rule_groups()]
+        return bool(stamps) and all(datetime.fromisoformat(s).timestamp() > t for s in stamps)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -118,7 +118,7 @@ def test_each_airflow_failure_raises_exactly_its_alert(
     assert started is not None
     hung = Case("airflow", "hung", {"flow": "m_hung"}, {"OrchestratorTaskHung": "/pager"}, 20,
                 at=max(started + 3 + 1, time.time()))  # its limit, then the matrix's grace
-    await_cases(s.receiver, [failed, vanished, hung], check=d.check_alive)
+    await_cases(s, [failed, vanished, hung], check=d.check_alive)
     ti = d.task_instances(d.api("GET", "/dags/m_hung/dagRuns")["dag_runs"][0]["dag_run_id"],
                           "m_hung")["stuck"]
     assert ti["state"] == "running"  # Airflow's own record: still running past its limit

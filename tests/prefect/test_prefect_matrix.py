@@ -121,7 +121,7 @@ def test_each_prefect_failure_raises_exactly_its_alert(
     os.kill(stuck, signal.SIGSTOP)  # before its 3 s: nothing in it can stop it now
     hung = Case("prefect", "hung", {"flow": "m-prefect-hung"}, {"OrchestratorFlowHung": "/pager"},
                 20, at=max(started + 3 + 1, time.time()))  # its limit, then the matrix's grace
-    await_cases(s.receiver, [failed, vanished, hung], check=alive)
+    await_cases(s, [failed, vanished, hung], check=alive)
     assert d.read(run_id).state.is_running()  # Prefect's own record: still running
 
     # (every 60 s: the run after the late one starts long after it)
