@@ -6,7 +6,8 @@ routes and inhibit rules; group waits of 1 s), within a stated time.
 Rows: `exec` (failed, missed, late, hung, vanished) and Celery on a real Redis
 (a task that fails; a pool process SIGKILLed with a task in progress: reported
 failed by the main process; beat stopped: missed; a worker SIGKILLed with a
-task in progress past its time limit: hung, and the worker gone), then our own outage:
+task in progress past its time limit: hung, and the worker gone), then a single
+failed scrape of the gateway (it holds nothing back), then our own outage:
 the gateway stopped for 40 s while an `exec` loop keeps running, then started
 again with its persistence file: one alert about the outage, none about the
 runs it hid. Schedules are compressed to seconds; the thresholds of the matrix's
@@ -249,6 +250,24 @@ def beat_log_sent(s: Stack) -> int:
         return f.read().count("Sending due task tick-every-3s")
 
 
+def one_failed_scrape(s: Stack) -> None:
+    """The gateway stopped (SIGSTOP) until one scrape of it has failed (1 s
+    timeout), then resumed: not an outage, nothing is held back (a held-back
+    alert would have to wait 10 minutes, with no page about why)."""
+    os.kill(s.gw.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: s.prom.query('min_over_time(up{job="pushgateway"}[1m]) == 0'), 30,
+                   interval=0.2, what="a failed scrape of the stopped gateway")
+    finally:
+        os.kill(s.gw.proc.pid, signal.SIGCONT)
+    resumed = time.time()
+    wait_until(lambda: s.prom.query('up{job="pushgateway"} == 1')
+               and s.prom.evaluated_since(resumed), 30, interval=0.2,
+               what="the rules evaluated with the gateway scraped again")
+    assert s.prom.query('min_over_time(up{job="pushgateway"}[1m]) == 0')
+    assert not s.prom.query('ALERTS{alertname=~"OrchestratorPush(Recovering|Outage|Failing)"}')
+
+
 def outage(s: Stack) -> tuple[Case, Callable[[], None]]:
     """Stop the gateway for 40 s while an exec loop runs every 2 s, then start it
     again from its persistence file. Returns the case and a function that stops
@@ -287,7 +306,8 @@ def test_each_failure_raises_exactly_its_alert(stack: Stack,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     s = stack
     cases = celery_cases(s) + exec_cases(s)
-    await_cases(s.receiver, cases)
+    await_cases(s, cases)
+    one_failed_scrape(s)
     out, finish = outage(s)
     try:
         # back with what it held before; the loop's runs replay the spool and push
