@@ -252,17 +252,24 @@ def beat_log_sent(s: Stack) -> int:
 
 def one_failed_scrape(s: Stack) -> None:
     """The gateway stopped (SIGSTOP) until one scrape of it has failed (1 s
-    timeout), then resumed: not an outage, nothing is held back (a held-back
-    alert would have to wait 10 minutes, with no page about why)."""
+    timeout), then resumed: not an outage. OrchestratorPushRecovering holds the
+    absence alerts back while the gateway's series are stale, and no longer
+    once a scrape succeeded (held back for 10 minutes, an alert would wait with
+    no page about why)."""
     os.kill(s.gw.proc.pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: s.prom.query('min_over_time(up{job="pushgateway"}[1m]) == 0'), 30,
+        wait_until(lambda: s.prom.query('up{job="pushgateway"} == 0'), 30,
                    interval=0.2, what="a failed scrape of the stopped gateway")
+        held = time.time()
+        wait_until(lambda: s.prom.evaluated_since(held), 30, interval=0.2,
+                   what="the rules evaluated with the failed scrape")
+        assert s.prom.query('ALERTS{alertname="OrchestratorPushRecovering",alertstate="firing"}')
     finally:
         os.kill(s.gw.proc.pid, signal.SIGCONT)
-    resumed = time.time()
-    wait_until(lambda: s.prom.query('up{job="pushgateway"} == 1')
-               and s.prom.evaluated_since(resumed), 30, interval=0.2,
+    wait_until(lambda: s.prom.query('up{job="pushgateway"} == 1'), 30, interval=0.2,
+               what="a scrape of the resumed gateway")
+    scraped = time.time()
+    wait_until(lambda: s.prom.evaluated_since(scraped), 30, interval=0.2,
                what="the rules evaluated with the gateway scraped again")
     assert s.prom.query('min_over_time(up{job="pushgateway"}[1m]) == 0')
     assert not s.prom.query('ALERTS{alertname=~"OrchestratorPush(Recovering|Outage|Failing)"}')
