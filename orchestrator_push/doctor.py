@@ -259,6 +259,7 @@ def check_prometheus(config: Config, prometheus: str) -> list[Check]:
         checks.append(Check("honor_labels: true", True, "pushed job labels are kept"))
     if len(config.urls) > 1:
         checks.append(_check_gateway_label(config, prometheus))
+    checks += _check_replicas_rule(config, prometheus)
     checks += _check_bucket_sets(config, prometheus)
     ours = _prom_query(prometheus, f'count({{__name__=~"{ns}_.+"}})', config.timeout)
     count = int(float(ours[0]["value"][1])) if ours else 0
@@ -336,6 +337,45 @@ def _check_gateway_label(config: Config, prometheus: str) -> Check:
         f"{len(scraped)} of {len(config.urls)} gateways scraped: {', '.join(scraped)}",
         "" if ok else "list every gateway of ORCHESTRATOR_PUSH_URL under the scrape job's targets",
     )
+
+
+def _check_replicas_rule(config: Config, prometheus: str) -> list[Check]:
+    """The rules hold absence alerts back while as many gateways are out as
+    ``orchestrator:push_replicas`` says each group has: it must be REPLICAS."""
+    rows = _prom_query(prometheus, "max(orchestrator:push_replicas)", config.timeout)
+    said = int(float(rows[0]["value"][1])) if rows else None
+    if said is None and len(config.urls) == 1:
+        return []
+    name = "replicas in the rules"
+    shown = "not set (1)" if said is None else str(said)
+    detail = f"orchestrator:push_replicas {shown}, ORCHESTRATOR_PUSH_REPLICAS {config.replicas}"
+    fix = (
+        f"set orchestrator:push_replicas to {config.replicas} in thresholds.yml "
+        "(deploy/prometheus), the smallest ORCHESTRATOR_PUSH_REPLICAS of any process"
+    )
+    held = 1 if said is None else said
+    if held == config.replicas:
+        return [Check(name, True, detail)]
+    if held < config.replicas:
+        return [
+            Check(
+                name,
+                True,
+                f"{detail}: absence alerts are held back while {held} gateway(s) are out, "
+                f"although no group is missing until {config.replicas} are",
+                fix,
+                warning=True,
+            )
+        ]
+    return [
+        Check(
+            name,
+            False,
+            f"{detail}: with {config.replicas} gateway(s) out some groups have no copy, "
+            "and their absence alerts are not held back: false alerts",
+            fix,
+        )
+    ]
 
 
 def run(

@@ -87,3 +87,22 @@ def test_a_job_whose_pushes_fail_holds_back_only_its_own_absence_alerts(
                what="both receivers to be sent something")
     assert receiver.alerts("/pager") == {("OrchestratorTaskMissed", "reports")}
     assert receiver.alerts("/chat") == {("OrchestratorPushFailing", "backup")}
+
+
+def test_one_gateway_out_of_several_is_a_page_and_holds_nothing_back(
+    alertmanager: Alertmanager, receiver: Receiver
+) -> None:
+    # With replicas, one gateway out hides no group: OrchestratorPushRecovering
+    # does not fire (deploy/prometheus/rules.yml), only the outage does.
+    alertmanager.fire(
+        alert("OrchestratorPushOutage", "critical", "pushgateway", instance="pg-2:9091"),
+        alert("OrchestratorFlowMissed", "critical", "airflow", flow="nightly"),
+        alert("OrchestratorWorkerDown", "critical", "celery", instance="w1@host"),
+        alert("OrchestratorFlowLate", "warning", "prefect", flow="sync"),
+    )
+    pages = {("OrchestratorPushOutage", "pushgateway"), ("OrchestratorFlowMissed", "airflow"),
+             ("OrchestratorWorkerDown", "celery")}
+    wait_until(lambda: receiver.alerts("/pager") == pages and receiver.alerts("/chat"), 30,
+               what="the outage and the absence alerts sent")
+    assert receiver.alerts("/chat") == {("OrchestratorFlowLate", "prefect")}
+    assert alertmanager.state("OrchestratorFlowMissed", "airflow")["inhibitedBy"] == []

@@ -26,12 +26,26 @@ FLOWS = [f"f{i}" for i in range(12)]
 END = 1_700_000_000.0
 
 
+def edited_thresholds(path: str, tmp_path: str) -> str:
+    with open(path) as f:
+        text = f.read()
+    shipped = "record: orchestrator:push_replicas\n        expr: vector(1)"
+    assert shipped in text
+    edited = os.path.join(tmp_path, "thresholds.yml")
+    with open(edited, "w") as f:
+        f.write(text.replace(shipped, shipped.replace("vector(1)", "vector(2)")))
+    return edited
+
+
 @pytest.fixture
 def stack(tmp_path: str) -> Iterator[tuple[list[Pushgateway], Prometheus]]:
     gws = [start(extra_args=[f"--persistence.file={tmp_path}/gw{i}"]) for i in range(3)]
+    # thresholds.yml as a user with ORCHESTRATOR_PUSH_REPLICAS=2 edits it
+    rules = [edited_thresholds(r, tmp_path) if r.endswith("thresholds.yml") else r
+             for r in MATRIX_RULES]
     prom = None
     try:
-        prom = Prometheus(",".join(gw.url for gw in gws), MATRIX_RULES)
+        prom = Prometheus(",".join(gw.url for gw in gws), rules)
         yield gws, prom
     finally:
         if prom is not None:
@@ -53,6 +67,19 @@ def failing(prom: Prometheus) -> set[str]:
     return set(by_flow(prom, 'ALERTS{alertname="OrchestratorTaskFailed",alertstate="firing"}'))
 
 
+def run_doctor(url: str, replicas: int, prom: Prometheus) -> tuple[int, str]:
+    out = io.StringIO()
+    code = doctor.run(out, {"ORCHESTRATOR_PUSH_URL": url,
+                            "ORCHESTRATOR_PUSH_REPLICAS": str(replicas),
+                            "ORCHESTRATOR_PUSH_SPOOL_DIR": "off"}, prometheus=prom.url)
+    return code, out.getvalue()
+
+
+def missed(prom: Prometheus) -> bool:
+    return bool(prom.query('ALERTS{alertname="OrchestratorTaskMissed",alertstate="firing",'
+                           'flow="nightly"}'))
+
+
 def test_replicas_2_one_gateway_stopped_prometheus_misses_nothing(
     stack: tuple[list[Pushgateway], Prometheus]
 ) -> None:
@@ -62,10 +89,21 @@ def test_replicas_2_one_gateway_stopped_prometheus_misses_nothing(
     # Every flow's task fails; then, with a gateway stopped, half of them succeed.
     for f in FLOWS:
         e.record_task(TaskRecord("celery", f, "t", "failed", END + 1, 1.0, 1))
+    # and a nightly run that did not start
+    e.record_schedule("exec", "nightly", "main", next_run=time.time() - 60, grace=1)
     assert e.flush(10)
     wait_until(lambda: failing(prom) == set(FLOWS), 30, what="TaskFailed for every flow")
+    wait_until(lambda: missed(prom), 30, what="OrchestratorTaskMissed for the nightly run")
     down = gws[1]
     down.stop()  # its persistence file keeps the failures
+    # One gateway of three out, each group on two: nothing is held back.
+    instance = f"127.0.0.1:{down.port}"
+    wait_until(lambda: prom.query(f'orchestrator:pushgateway_unknown{{instance="{instance}"}}'),
+               30, what="the stopped gateway unknown to the rules")
+    out_since = time.time()
+    wait_until(lambda: prom.evaluated_since(out_since), 30, what="the rules saw it out")
+    assert not prom.query('ALERTS{alertname="OrchestratorPushRecovering"}')
+    assert missed(prom)
     fixed = FLOWS[::2]
     for f in FLOWS:
         status = "success" if f in fixed else "failed"
@@ -98,12 +136,24 @@ def test_replicas_2_one_gateway_stopped_prometheus_misses_nothing(
     assert set(by_flow(prom, 'orchestrator:task_last_status{job="celery", status="failed"} == 1'
                        )) == set(FLOWS) - set(fixed)
 
-    out = io.StringIO()
-    assert doctor.run(out, {"ORCHESTRATOR_PUSH_URL": url, "ORCHESTRATOR_PUSH_REPLICAS": "2",
-                            "ORCHESTRATOR_PUSH_SPOOL_DIR": "off"},
-                      prometheus=prom.url) == 0, out.getvalue()
+    code, text = run_doctor(url, 2, prom)
+    assert code == 0, text
     ports = sorted(f"127.0.0.1:{gw.port}" for gw in gws)
-    assert (f"[  ok] a pushgateway label per gateway: 3 of 3 gateways scraped: {', '.join(ports)}"
-            in out.getvalue())
-    assert ("[  ok] gateways: 3 gateways, each group on 2 of them (ORCHESTRATOR_PUSH_REPLICAS)"
-            in out.getvalue())
+    assert f"[  ok] a pushgateway label per gateway: 3 of 3 gateways scraped: {', '.join(ports)}" \
+        in text
+    assert "[  ok] gateways: 3 gateways, each group on 2 of them (ORCHESTRATOR_PUSH_REPLICAS)" \
+        in text
+    assert "[  ok] replicas in the rules: orchestrator:push_replicas 2, " \
+        "ORCHESTRATOR_PUSH_REPLICAS 2" in text
+    # processes that put each group on all three: the rules hold back too soon
+    code, text = run_doctor(url, 3, prom)
+    assert code == 0, text
+    assert "[warn] replicas in the rules: orchestrator:push_replicas 2, " \
+        "ORCHESTRATOR_PUSH_REPLICAS 3: absence alerts are held back while 2 gateway(s) " \
+        "are out, although no group is missing until 3 are" in text
+    # processes that put each group on one: alerts about its missing groups go out
+    code, text = run_doctor(url, 1, prom)
+    assert code == 1, text
+    assert "[FAIL] replicas in the rules: orchestrator:push_replicas 2, " \
+        "ORCHESTRATOR_PUSH_REPLICAS 1: with 1 gateway(s) out some groups have no copy, " \
+        "and their absence alerts are not held back: false alerts" in text

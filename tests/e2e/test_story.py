@@ -115,7 +115,7 @@ def test_every_rule_evaluates_without_error(prom: Prometheus) -> None:
     all_rules = wait_until(lambda: (r := rules(prom)) and all(
         x.get("lastEvaluation", "").startswith("2") and x["health"] != "unknown"
         for x in r.values()) and r, timeout=30, what="a rule evaluation")
-    assert len(all_rules) == 36  # rules.yml, thresholds.yml, short_limits.yml
+    assert len(all_rules) == 38  # rules.yml, thresholds.yml, short_limits.yml
     assert {n: r["health"] for n, r in all_rules.items()} == {n: "ok" for n in all_rules}
 
 
