@@ -6,7 +6,7 @@ A real Pushgateway on 127.0.0.1. Variants run interleaved, round after round
 median wall time and the median of the per-round ratios to the hand-written
 script. Correct: the gateway holds what each variant pushed (exit code 0).
 
-    python bench/bench_exec.py [--rounds 31]
+    python bench/bench_exec.py [--rounds 31] [--no-bytecode]
 """
 
 from __future__ import annotations
@@ -50,10 +50,27 @@ def timed(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(variants: dict[str, list[str]], env: dict[str, str],
+                rounds: int) -> dict[str, list[float]]:
+    """Each variant's wall times, the order reversed every other round, after
+    one warm-up run each (the page cache and the .pyc files)."""
+    for args in variants.values():
+        timed(args, env)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(rounds):
+        for name in list(variants) if i % 2 == 0 else reversed(list(variants)):
+            times[name].append(timed(variants[name], env))
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=31)
-    rounds = ap.parse_args().rounds
+    ap.add_argument("--no-bytecode", action="store_true",
+                    help="compile every module from source at every run (an install "
+                         "without .pyc files, or PYTHONDONTWRITEBYTECODE set)")
+    opts = ap.parse_args()
+    rounds = opts.rounds
     gw = start()
     work = tempfile.mkdtemp(prefix="op-bench-exec-")
     try:
@@ -62,22 +79,23 @@ def main() -> None:
             f.write(HAND_WRITTEN)
         env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url,
                "XDG_CACHE_HOME": os.path.join(work, "cache")}
+        if opts.no_bytecode:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+        else:
+            # An installed package has its .pyc files (pip compiles them at
+            # install): the warm-up writes them here, whatever the environment
+            # says, for both variants alike.
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
         variants = {
             "hand-written prometheus_client script": [sys.executable, script,
                                                       gw.url.split("://")[1], "true"],
             "orchestrator-push exec": [*cli(), "exec", "--job", "bench", "--", "true"],
         }
-        for args in variants.values():  # warm the page cache and .pyc files
-            timed(args, env)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        ratios: list[float] = []
-        for i in range(rounds):
-            order = list(variants) if i % 2 == 0 else list(reversed(variants))
-            this = {name: timed(variants[name], env) for name in order}
-            for name, t in this.items():
-                times[name].append(t)
-            ratios.append(this["orchestrator-push exec"] /
-                          this["hand-written prometheus_client script"])
+        times = interleaved(variants, env, rounds)
+        ratios = [e / h for e, h in zip(times["orchestrator-push exec"],
+                                        times["hand-written prometheus_client script"],
+                                        strict=True)]
         groups = {g.labels.get("job"): g for g in gw.groups() if "instance" not in g.labels}
         correct = {
             "hand-written prometheus_client script":
@@ -85,7 +103,8 @@ def main() -> None:
             "orchestrator-push exec":
                 groups["bench"].value("orchestrator_task_last_exit_code") == 0,
         }
-        print(f"{rounds} rounds, interleaved; Python {sys.version.split()[0]}\n")
+        print(f"{rounds} rounds, interleaved; Python {sys.version.split()[0]}; "
+              f"{'no .pyc files' if opts.no_bytecode else '.pyc files'}\n")
         print("| variant | wall ms (median) | p25-p75 | ratio to the script (median of per-round) | correct |")
         print("|---|---:|---:|---:|:-:|")
         for name, ts in times.items():
@@ -94,6 +113,15 @@ def main() -> None:
             print(f"| {name} | {statistics.median(ts) * 1000:.0f} | "
                   f"{q[0] * 1000:.0f}-{q[2] * 1000:.0f} | {ratio} | "
                   f"{'yes' if correct[name] else 'NO'} |")
+        # where the time goes: start-ups that only import
+        imports = {what: [sys.executable, "-c", code] for what, code in (
+            ("`python -c pass`", "pass"),
+            ("`import prometheus_client`", "import prometheus_client"),
+            ("`import orchestrator_push.cli` (everything `exec` imports)",
+             "import orchestrator_push.cli"))}
+        print("\n| start-up | ms (median) |\n|---|---:|")
+        for name, ts in interleaved(imports, env, rounds).items():
+            print(f"| {name} | {statistics.median(ts) * 1000:.0f} |")
     finally:
         gw.stop()
         shutil.rmtree(work, ignore_errors=True)
