@@ -635,8 +635,9 @@ def test_a_gateway_that_never_answers_holds_a_task_process_one_flush_timeout(
     wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=120, interval=0.05,
                what="the task process to exit")
     took = time.monotonic() - released
-    # (Airflow 3.3's task runners often take ~5 s to exit of their own)
-    assert FLUSH_TIMEOUT - 1 <= took < 1.5 * FLUSH_TIMEOUT, took
+    # (Airflow 3.3's task runners often take ~5 s to exit of their own, more on a
+    # loaded machine: anything short of a second flush timeout is one)
+    assert FLUSH_TIMEOUT - 1 <= took < 2 * FLUSH_TIMEOUT, took
     wait_until(lambda: d.task_instances(run_id, "e2e_wait")["wait"]["state"] == "success",
                timeout=120, interval=0.5, what="Airflow's record of the success")
     spool = os.path.join(d.home, "spool")
