@@ -10,7 +10,7 @@ its own virtualenv, every test its own ports, temporary and spool directories.
 Sessions go to lanes longest first (the minutes below, from a serial CI run),
 each to the lane with the least work so far. A lane's output goes to
 .nox/lanes/lane-N.log; a line is printed as each session ends, then every
-lane's log in full and nox's summary of each. The exit code is 1 if any
+lane's log in full and those lines again, lane by lane. The exit code is 1 if any
 session failed, as nox's own.
 """
 
@@ -77,14 +77,17 @@ def main(argv: list[str]) -> int:
     for i, lane in enumerate(lanes, 1):
         path = os.path.join(".nox", "lanes", f"lane-{i}.log")
         print(f"lanes: lane {i} ({path}): {', '.join(lane)}", flush=True)
-        log = open(path, "w")  # noqa: SIM115 (open while the lane runs)
         logs.append(path)
-        # a session of its own, so that stopping the lanes stops everything they started
-        procs.append(
-            subprocess.Popen(
-                ["nox", "-s", *lane], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        with open(path, "w") as log:  # the lane's nox writes to its own copy
+            # a session of its own, so that stopping the lanes stops everything they started
+            procs.append(
+                subprocess.Popen(
+                    ["nox", "-s", *lane],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
-        )
 
     def stop(signum: int, _frame: object) -> None:
         for p in procs:
@@ -95,6 +98,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     seen = [0] * len(procs)
+    ended: list[tuple[int, str]] = []  # for the summary: nox prints none for a one-session lane
     while True:
         running = [p.poll() is None for p in procs]
         for i, path in enumerate(logs):  # a line as each session ends
@@ -104,11 +108,8 @@ def main(argv: list[str]) -> int:
                 m = ENDED.match(line)
                 if m:
                     minutes = (time.monotonic() - started) / 60
-                    print(
-                        f"lanes: [{minutes:5.1f} min] lane {i + 1}: {m.group(1)} "
-                        f"{m.group(2)}{m.group(3)}",
-                        flush=True,
-                    )
+                    ended.append((i, f"lane {i + 1}: {m.group(1)} {m.group(2)}{m.group(3)}"))
+                    print(f"lanes: [{minutes:5.1f} min] {ended[-1][1]}", flush=True)
             seen[i] = len(lines)
         if not any(running):
             break
@@ -118,11 +119,7 @@ def main(argv: list[str]) -> int:
         with open(path, errors="replace") as f:
             sys.stdout.write(f.read())
     print(f"\nlanes: {len(lanes)} lanes in {(time.monotonic() - started) / 60:.1f} min")
-    for i, path in enumerate(logs, 1):
-        with open(path, errors="replace") as f:
-            for line in f:
-                if line.startswith("nox > * "):
-                    print(f"lane {i}: {line.rstrip()}")
+    print("\n".join(text for _, text in sorted(ended, key=lambda e: e[0])))
     return 0 if all(p.returncode == 0 for p in procs) else 1
 
 
