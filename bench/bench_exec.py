@@ -6,13 +6,18 @@ A real Pushgateway on 127.0.0.1. Variants run interleaved, round after round
 median wall time and the median of the per-round ratios to the hand-written
 script. Correct: the gateway holds what each variant pushed (exit code 0).
 
-    python bench/bench_exec.py [--rounds 31] [--no-bytecode]
+    python bench/bench_exec.py [--rounds 31] [--no-bytecode] [--before DIR]
+
+``--before DIR`` adds the ``exec`` of another checkout (``git worktree add DIR
+<commit>``), run with the same interpreter and packages: a change's effect,
+side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,28 +49,47 @@ def cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "orchestrator_push"]
 
 
+def console_script(checkout: str) -> list[str]:
+    """What pip's console script for that checkout runs: its entry point, called."""
+    with open(os.path.join(checkout, "pyproject.toml")) as f:
+        entry = re.search(r'^orchestrator-push = "([\w.]+):(\w+)"', f.read(), re.M)
+    assert entry, f"no orchestrator-push script in {checkout}/pyproject.toml"
+    module, func = entry.groups()
+    return [sys.executable, "-c", f"import sys; from {module} import {func}; sys.exit({func}())"]
+
+
+def exec_args(job: str) -> list[str]:
+    return ["exec", "--job", job, "--", "true"]
+
+
 def timed(args: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+    # "/" as the working directory: `-c` puts it first on sys.path, and a
+    # checkout there would shadow the one on PYTHONPATH
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, cwd="/")
     return time.perf_counter() - t0
 
 
-def interleaved(variants: dict[str, list[str]], env: dict[str, str],
-                rounds: int) -> dict[str, list[float]]:
+Variant = tuple[list[str], dict[str, str]]
+
+
+def interleaved(variants: dict[str, Variant], rounds: int) -> dict[str, list[float]]:
     """Each variant's wall times, the order reversed every other round, after
     one warm-up run each (the page cache and the .pyc files)."""
-    for args in variants.values():
+    for args, env in variants.values():
         timed(args, env)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(rounds):
         for name in list(variants) if i % 2 == 0 else reversed(list(variants)):
-            times[name].append(timed(variants[name], env))
+            times[name].append(timed(*variants[name]))
     return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=31)
+    ap.add_argument("--before", metavar="DIR",
+                    help="another checkout of the project: its exec as a third variant")
     ap.add_argument("--no-bytecode", action="store_true",
                     help="compile every module from source at every run (an install "
                          "without .pyc files, or PYTHONDONTWRITEBYTECODE set)")
@@ -87,40 +111,43 @@ def main() -> None:
             # says, for both variants alike.
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
-        variants = {
-            "hand-written prometheus_client script": [sys.executable, script,
-                                                      gw.url.split("://")[1], "true"],
-            "orchestrator-push exec": [*cli(), "exec", "--job", "bench", "--", "true"],
+        variants: dict[str, Variant] = {
+            "hand-written prometheus_client script": (
+                [sys.executable, script, gw.url.split("://")[1], "true"], env),
+            "orchestrator-push exec": ([*cli(), *exec_args("bench")], env),
         }
-        times = interleaved(variants, env, rounds)
-        ratios = [e / h for e, h in zip(times["orchestrator-push exec"],
-                                        times["hand-written prometheus_client script"],
-                                        strict=True)]
+        if opts.before:
+            before = {**env, "PYTHONPATH": os.path.abspath(opts.before)}
+            variants[f"exec of {opts.before}"] = (
+                [*console_script(opts.before), *exec_args("before")], before)
+        times = interleaved(variants, rounds)
+        hand = times["hand-written prometheus_client script"]
+        ratios = {name: [e / h for e, h in zip(ts, hand, strict=True)]
+                  for name, ts in times.items()}
         groups = {g.labels.get("job"): g for g in gw.groups() if "instance" not in g.labels}
-        correct = {
-            "hand-written prometheus_client script":
-                groups["hand"].value("hand_last_exit_code") == 0,
-            "orchestrator-push exec":
-                groups["bench"].value("orchestrator_task_last_exit_code") == 0,
-        }
+        pushed = {"hand-written prometheus_client script": ("hand", "hand_last_exit_code"),
+                  "orchestrator-push exec": ("bench", "orchestrator_task_last_exit_code"),
+                  f"exec of {opts.before}": ("before", "orchestrator_task_last_exit_code")}
+        correct = {name: job in groups and groups[job].value(metric) == 0
+                   for name, (job, metric) in pushed.items() if name in variants}
         print(f"{rounds} rounds, interleaved; Python {sys.version.split()[0]}; "
               f"{'no .pyc files' if opts.no_bytecode else '.pyc files'}\n")
         print("| variant | wall ms (median) | p25-p75 | ratio to the script (median of per-round) | correct |")
         print("|---|---:|---:|---:|:-:|")
         for name, ts in times.items():
             q = statistics.quantiles(ts, n=4)
-            ratio = "1.00" if name.startswith("hand") else f"{statistics.median(ratios):.2f}"
+            ratio = f"{statistics.median(ratios[name]):.2f}"
             print(f"| {name} | {statistics.median(ts) * 1000:.0f} | "
                   f"{q[0] * 1000:.0f}-{q[2] * 1000:.0f} | {ratio} | "
                   f"{'yes' if correct[name] else 'NO'} |")
         # where the time goes: start-ups that only import
-        imports = {what: [sys.executable, "-c", code] for what, code in (
+        imports = {what: ([sys.executable, "-c", code], env) for what, code in (
             ("`python -c pass`", "pass"),
             ("`import prometheus_client`", "import prometheus_client"),
             ("`import orchestrator_push.cli` (everything `exec` imports)",
              "import orchestrator_push.cli"))}
         print("\n| start-up | ms (median) |\n|---|---:|")
-        for name, ts in interleaved(imports, env, rounds).items():
+        for name, ts in interleaved(imports, rounds).items():
             print(f"| {name} | {statistics.median(ts) * 1000:.0f} |")
     finally:
         gw.stop()

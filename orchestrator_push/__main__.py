@@ -1,5 +1,3 @@
-import sys
+from .console import run
 
-from .cli import main
-
-sys.exit(main())
+run()
