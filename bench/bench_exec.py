@@ -6,11 +6,13 @@ A real Pushgateway on 127.0.0.1. Variants run interleaved, round after round
 median wall time and the median of the per-round ratios to the hand-written
 script. Correct: the gateway holds what each variant pushed (exit code 0).
 
-    python bench/bench_exec.py [--rounds 31] [--no-bytecode] [--before DIR]
+    python bench/bench_exec.py [--rounds 31] [--no-bytecode] [--before DIR] [--https]
 
 ``--before DIR`` adds the ``exec`` of another checkout (``git worktree add DIR
 <commit>``), run with the same interpreter and packages: a change's effect,
-side by side in one run.
+side by side in one run. ``--https`` serves the gateway over TLS with a
+private CA: the script trusts it through ``SSL_CERT_FILE`` (what its default
+TLS context reads), ``exec`` through ``ORCHESTRATOR_PUSH_CA_BUNDLE``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import os
 import re
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from gateway import start
+from tls import make_certs, web_config
 
 #: What a user writes without this library: run the command, push its outcome.
 HAND_WRITTEN = """\
@@ -90,19 +94,28 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--before", metavar="DIR",
                     help="another checkout of the project: its exec as a third variant")
+    ap.add_argument("--https", action="store_true",
+                    help="the gateway over TLS, its certificate from a private CA")
     ap.add_argument("--no-bytecode", action="store_true",
                     help="compile every module from source at every run (an install "
                          "without .pyc files, or PYTHONDONTWRITEBYTECODE set)")
     opts = ap.parse_args()
     rounds = opts.rounds
-    gw = start()
     work = tempfile.mkdtemp(prefix="op-bench-exec-")
+    tls_env: dict[str, str] = {}
+    if opts.https:
+        certs = make_certs(work)
+        gw = start(extra_args=[f"--web.config.file={web_config(work, certs)}"],
+                   context=ssl.create_default_context(cafile=certs.ca))
+        tls_env = {"SSL_CERT_FILE": certs.ca, "ORCHESTRATOR_PUSH_CA_BUNDLE": certs.ca}
+    else:
+        gw = start()
     try:
         script = os.path.join(work, "hand.py")
         with open(script, "w") as f:
             f.write(HAND_WRITTEN)
         env = {**os.environ, "ORCHESTRATOR_PUSH_URL": gw.url,
-               "XDG_CACHE_HOME": os.path.join(work, "cache")}
+               "XDG_CACHE_HOME": os.path.join(work, "cache"), **tls_env}
         if opts.no_bytecode:
             env["PYTHONDONTWRITEBYTECODE"] = "1"
         else:
@@ -113,7 +126,7 @@ def main() -> None:
             env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
         variants: dict[str, Variant] = {
             "hand-written prometheus_client script": (
-                [sys.executable, script, gw.url.split("://")[1], "true"], env),
+                [sys.executable, script, gw.url, "true"], env),
             "orchestrator-push exec": ([*cli(), *exec_args("bench")], env),
         }
         if opts.before:
@@ -131,7 +144,7 @@ def main() -> None:
         correct = {name: job in groups and groups[job].value(metric) == 0
                    for name, (job, metric) in pushed.items() if name in variants}
         print(f"{rounds} rounds, interleaved; Python {sys.version.split()[0]}; "
-              f"{'no .pyc files' if opts.no_bytecode else '.pyc files'}\n")
+              f"{'no .pyc files' if opts.no_bytecode else '.pyc files'}; {gw.url}\n")
         print("| variant | wall ms (median) | p25-p75 | ratio to the script (median of per-round) | correct |")
         print("|---|---:|---:|---:|:-:|")
         for name, ts in times.items():
