@@ -129,20 +129,21 @@ def main() -> None:
                 [sys.executable, script, gw.url, "true"], env),
             "orchestrator-push exec": ([*cli(), *exec_args("bench")], env),
         }
+        #: each variant's group and the exit code it pushed there
+        pushed = {"hand-written prometheus_client script": ("hand", "hand_last_exit_code"),
+                  "orchestrator-push exec": ("bench", "orchestrator_task_last_exit_code")}
         if opts.before:
+            name = f"exec of {opts.before}"
             before = {**env, "PYTHONPATH": os.path.abspath(opts.before)}
-            variants[f"exec of {opts.before}"] = (
-                [*console_script(opts.before), *exec_args("before")], before)
+            variants[name] = ([*console_script(opts.before), *exec_args("before")], before)
+            pushed[name] = ("before", "orchestrator_task_last_exit_code")
         times = interleaved(variants, rounds)
         hand = times["hand-written prometheus_client script"]
         ratios = {name: [e / h for e, h in zip(ts, hand, strict=True)]
                   for name, ts in times.items()}
         groups = {g.labels.get("job"): g for g in gw.groups() if "instance" not in g.labels}
-        pushed = {"hand-written prometheus_client script": ("hand", "hand_last_exit_code"),
-                  "orchestrator-push exec": ("bench", "orchestrator_task_last_exit_code"),
-                  f"exec of {opts.before}": ("before", "orchestrator_task_last_exit_code")}
         correct = {name: job in groups and groups[job].value(metric) == 0
-                   for name, (job, metric) in pushed.items() if name in variants}
+                   for name, (job, metric) in pushed.items()}
         print(f"{rounds} rounds, interleaved; Python {sys.version.split()[0]}; "
               f"{'no .pyc files' if opts.no_bytecode else '.pyc files'}; {gw.url}\n")
         print("| variant | wall ms (median) | p25-p75 | ratio to the script (median of per-round) | correct |")
