@@ -80,7 +80,9 @@ exit codes: 0 every check passed; 1 a check failed (its fix is printed).
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``exec_only``: without the operator's commands, which
+    an ``exec`` would build only to skip (it starts with every cron run)."""
     p = argparse.ArgumentParser(
         prog="orchestrator-push",
         description="Report task outcomes to a Prometheus Pushgateway.",
@@ -134,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("-v", "--verbose", action="store_true", help="log delivery details to stderr")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    if exec_only:
+        return p
 
     def admin_parser(
         name: str, help: str, description: str, epilog: str
@@ -238,7 +242,8 @@ def _config(url: str | None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(exec_only=argv[:1] == ["exec"])
     args = parser.parse_args(argv)
     if args.command == "exec":
         cmd = list(args.cmd)

@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import TypeVar, cast
 
 from . import host_counts
@@ -369,15 +370,17 @@ class Engine:
             deadline = time.monotonic() + max(timeout, 0.0)
             with self._lock:
                 target = self._table.seq
+            counts = partial(self._deliver_host_counts, deadline, exiting=not replay)
             if self._synchronous:
                 settled = self._deliver_here(target, deadline)
+                counts()
             elif not self._started:
                 settled = True
+                counts()
             else:
-                settled = self._wait(target, deadline, replay)
+                settled = self._wait(target, deadline, replay, meanwhile=counts)
             if not settled:
                 settled = self._spool_pending()
-            self._deliver_host_counts(deadline, exiting=not replay)
             return self._ledger.lost_since_last_look() == 0 and settled
         except Exception:
             warn_limited("flush", "orchestrator_push: flush failed", level=logging.ERROR)
@@ -418,7 +421,12 @@ class Engine:
             if own:
                 use.close()
 
-    def _wait(self, target: int, deadline: float, replay: bool) -> bool:
+    def _wait(
+        self, target: int, deadline: float, replay: bool, meanwhile: Callable[[], None]
+    ) -> bool:
+        """Wake the sender and wait until it has settled ``target``; ``meanwhile``
+        runs on this thread while the sender pushes (a second push in parallel,
+        not after: an ``exec`` makes two)."""
         s = self._sender
         with s.settled_cv:
             s.flushing += 1
@@ -427,6 +435,7 @@ class Engine:
             if replay:
                 self._replay_requested = True
             s.wake()
+            meanwhile()
             settled = s.wait_settled(target, deadline)
             if settled and replay and self._replayer is not None:
                 with s.settled_cv:  # one replay pass, within the same time

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -164,7 +163,7 @@ class Spool:
             self._known_size, self._scanned_at = self.size(), now
         if self._known_size + len(data) > self.max_bytes:
             raise SpoolFull(f"{self.directory} holds more than {self.max_bytes} bytes")
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
         tmp = os.path.join(self.directory, f".tmp-{name}")
         final = os.path.join(self.directory, name + SUFFIX)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -1,0 +1,132 @@
+"""The console script's process: what it imports and collects around `main()`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gateway import Pushgateway
+
+from orchestrator_push.console import defer_init
+
+NS = "orchestrator"
+
+
+def test_the_console_script_collects_garbage_while_the_command_runs() -> None:
+    # The collector is off while the imports run and their objects are frozen
+    # at exit; between the two, an `exec` of a command that runs for hours
+    # must collect what it makes, and not walk what the imports made.
+    probe = ("import gc, orchestrator_push.cli as cli, orchestrator_push.console as console\n"
+             "cli.main = lambda: print(gc.isenabled(), gc.get_freeze_count() > 1000) or 7\n"
+             "console.run()\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (7, "True True\n", "")
+
+
+def test_exec_pushes_without_running_prometheus_client_init(pushgateway: Pushgateway) -> None:
+    # The package's __init__ imports every metric type and collector (about
+    # 8 ms of an `exec`); a push needs its exposition and metrics_core only.
+    probe = textwrap.dedent("""\
+        import atexit, sys
+        atexit.register(lambda: print(sorted(
+            m for m in ("prometheus_client.exposition", "prometheus_client.metrics",
+                        "prometheus_client.process_collector") if m in sys.modules)))
+        sys.argv = ["orchestrator-push", "exec", "--job", "deferred", "--", "true"]
+        from orchestrator_push.console import run
+        run()
+        """)
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url}
+    p = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "['prometheus_client.exposition']\n", "")
+    g = pushgateway.group(job="deferred", flow="deferred", task="main")
+    assert g.value(f"{NS}_task_last_status", framework="exec", status="success") == 1
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A package whose __init__ counts its runs in `runs` (a list on `sys`)."""
+    name = f"deferred_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(
+        "import sys\nsys.deferred_runs.append(1)\nfrom .part import VALUE\nNAME = 'init'\n")
+    (tmp_path / name / "part.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "deferred_runs", [], raising=False)
+    yield name
+    for m in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[m]
+
+
+def runs() -> int:
+    return len(sys.deferred_runs)  # type: ignore[attr-defined]
+
+
+def test_deferred_init_runs_at_the_first_name_only_the_init_defines(package: str) -> None:
+    defer_init(package)
+    part = __import__(f"{package}.part", fromlist=["VALUE"])
+    assert (part.VALUE, runs()) == (42, 0)  # a submodule: no __init__
+    pkg = sys.modules[package]
+    assert (pkg.NAME, runs()) == ("init", 1)
+    assert (pkg.NAME, runs()) == ("init", 1)  # once
+    assert "__getattr__" not in vars(pkg)  # the package's own lookup from then on
+    with pytest.raises(AttributeError):
+        pkg.missing  # noqa: B018
+
+
+def test_a_package_already_imported_is_left_alone(package: str) -> None:
+    first = __import__(package)
+    defer_init(package)
+    assert sys.modules[package] is first and runs() == 1
+
+
+def test_a_failing_init_raises_and_leaves_no_package(package: str, tmp_path: Path) -> None:
+    (tmp_path / package / "__init__.py").write_text("raise ValueError('broken')\n")
+    defer_init(package)
+    pkg = sys.modules[package]
+    with pytest.raises(ValueError, match="broken"):
+        pkg.NAME  # noqa: B018
+    assert package not in sys.modules  # as after a failed import
+
+
+def test_another_thread_waits_for_the_init_rather_than_miss_a_name(
+        package: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The __init__ starts a thread that asks for a name the __init__ sets
+    # later: that thread must get it, not an AttributeError from a package
+    # half run. While it waits, the __init__ itself sees its names as a
+    # package being imported does (not yet set: missing).
+    (tmp_path / package / "__init__.py").write_text(textwrap.dedent("""\
+        import sys, threading
+        sys.deferred_runs.append(1)
+        me = sys.modules[__name__]
+        asking = threading.Event()
+        def ask():
+            asking.set()
+            try:
+                sys.deferred_got = me.LATE
+            except AttributeError as exc:
+                sys.deferred_got = exc
+        sys.deferred_thread = threading.Thread(target=ask)
+        sys.deferred_thread.start()
+        asking.wait(30)
+        sys.deferred_thread.join(0.5)  # it waits on the __init__: not done
+        sys.deferred_early = hasattr(me, "LATE")
+        LATE = "set"
+        """))
+    for attr in ("deferred_got", "deferred_thread", "deferred_early"):
+        monkeypatch.setattr(sys, attr, None, raising=False)
+    defer_init(package)
+    with pytest.raises(AttributeError):
+        sys.modules[package].NOT_THERE  # noqa: B018  # runs the __init__
+    t: threading.Thread = sys.deferred_thread  # type: ignore[attr-defined]
+    t.join(30)
+    assert not t.is_alive()
+    assert sys.deferred_got == "set"  # type: ignore[attr-defined]
+    assert sys.deferred_early is False  # type: ignore[attr-defined]
+    assert runs() == 1
