@@ -9,11 +9,14 @@ import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from .config import load_config
 from .engine import Engine
 from .records import FAILED, SUCCESS, TaskRecord
-from .schedules import Cron, default_grace
+
+if TYPE_CHECKING:  # schedules are imported by the runs that have one
+    from .schedules import Cron
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 CANNOT_START = 127
@@ -52,6 +55,8 @@ def run_and_report(
     code = _run(cmd, timeout)
     duration = time.monotonic() - started
     if every is not None:
+        from .schedules import default_grace
+
         engine.record_schedule(
             "exec",
             flow,
@@ -99,6 +104,8 @@ def _record_tick(
     engine: Engine, cron: Cron, flow: str, task: str, started: float, grace: float | None
 ) -> None:
     """This run's lateness against its tick, and the next tick."""
+    from .schedules import default_grace
+
     try:
         tick, due, period = cron.at_or_before(started), cron.after(started), cron.period(started)
     except Exception:  # a bug in a date library must not stop the command
