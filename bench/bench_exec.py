@@ -154,13 +154,17 @@ def main() -> None:
             print(f"| {name} | {statistics.median(ts) * 1000:.0f} | "
                   f"{q[0] * 1000:.0f}-{q[2] * 1000:.0f} | {ratio} | "
                   f"{'yes' if correct[name] else 'NO'} |")
-        # where the time goes: start-ups that only import (the last two with
+        # where the time goes: start-ups that only import (the last three with
         # the collector off and frozen at exit, as the console script runs)
         quiet = "import gc; gc.disable(); "
         imports = {what: ([sys.executable, "-c", code], env) for what, code in (
             ("`python -c pass`", "pass"),
             ("`import prometheus_client` (the script's imports)", "import prometheus_client"),
             ("the same, collector off", quiet + "import prometheus_client; gc.freeze()"),
+            ("what a push needs of prometheus_client (no `__init__`), collector off",
+             quiet + "from orchestrator_push.console import defer_init; "
+             "defer_init('prometheus_client'); import prometheus_client.exposition, "
+             "prometheus_client.metrics_core; gc.freeze()"),
             ("what `exec` imports, collector off",
              quiet + "from orchestrator_push.console import defer_init; "
              "defer_init('prometheus_client'); import orchestrator_push.cli; gc.freeze()"))}

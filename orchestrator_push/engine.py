@@ -378,7 +378,7 @@ class Engine:
                 settled = True
                 counts()
             else:
-                settled = self._wait(target, deadline, replay, meanwhile=counts)
+                settled = self._wait(target, deadline, replay, counts)
             if not settled:
                 settled = self._spool_pending()
             return self._ledger.lost_since_last_look() == 0 and settled
@@ -421,12 +421,10 @@ class Engine:
             if own:
                 use.close()
 
-    def _wait(
-        self, target: int, deadline: float, replay: bool, meanwhile: Callable[[], None]
-    ) -> bool:
-        """Wake the sender and wait until it has settled ``target``; ``meanwhile``
-        runs on this thread while the sender pushes (a second push in parallel,
-        not after: an ``exec`` makes two)."""
+    def _wait(self, target: int, deadline: float, replay: bool, counts: Callable[[], None]) -> bool:
+        """Wake the sender and wait until it has settled ``target``; ``counts``
+        (the host's counts) are delivered on this thread while the sender
+        pushes: an ``exec`` makes both pushes at once, not one after the other."""
         s = self._sender
         with s.settled_cv:
             s.flushing += 1
@@ -435,7 +433,11 @@ class Engine:
             if replay:
                 self._replay_requested = True
             s.wake()
-            meanwhile()
+            try:
+                counts()
+            except Exception:  # a bug there must not keep the run from the spool
+                msg = "orchestrator_push: counting this host's runs failed"
+                warn_limited("host-counts-flush", msg, level=logging.ERROR)
             settled = s.wait_settled(target, deadline)
             if settled and replay and self._replayer is not None:
                 with s.settled_cv:  # one replay pass, within the same time
