@@ -90,7 +90,13 @@ def test_a_state_set_by_hand_is_the_last_status_and_not_counted(
     gw = gateway_for_deployment
     older = _finished_run(deployment, gw)
     run_id = _finished_run(deployment, gw)
-    wait_until(lambda: gw.counted("e2e")[1], timeout=30, interval=0.2, what="the counts")
+    # Counted when the run ends, pushed just after its flow group: wait for
+    # every run Airflow has ended (this module's earlier ones too).
+    def every_run_counted() -> bool:
+        runs = deployment.api("GET", "/dags/e2e/dagRuns")["dag_runs"]
+        ended = sum(r["state"] in ("success", "failed") for r in runs)
+        return sum(gw.counted("e2e")[1].values()) == ended
+    wait_until(every_run_counted, timeout=30, interval=0.2, what="the counts of every run")
     counts = gw.counted("e2e")
     hello = deployment.task_instances(run_id)["hello"]  # its task runner's success
     # A mark in an older run is not reported: the newest run's outcome stands.
