@@ -407,7 +407,7 @@ class Engine:
         process, on the sender's transport) and at every flush, on the caller's
         thread (a short-lived process's at its exit). Not delivered (the gateway
         down, the store busy) means kept: in memory, in the store, or (exiting)
-        in a pending file."""
+        in a pending file. Never raises."""
         with self._lock:
             hosts = list(self._hosts.values())  # a delivery in flight may put some back
         if not hosts or not self.config.enabled:
@@ -417,6 +417,9 @@ class Engine:
         try:
             for h in hosts:
                 h.deliver(use, self.config.namespace, deadline, self._ledger, exiting=exiting)
+        except Exception:  # a bug here must not cost a flush its wait or its spool
+            msg = "orchestrator_push: counting this host's runs failed"
+            warn_limited("host-counts-error", msg, level=logging.ERROR)
         finally:
             if own:
                 use.close()
@@ -433,11 +436,7 @@ class Engine:
             if replay:
                 self._replay_requested = True
             s.wake()
-            try:
-                counts()
-            except Exception:  # a bug there must not keep the run from the spool
-                msg = "orchestrator_push: counting this host's runs failed"
-                warn_limited("host-counts-flush", msg, level=logging.ERROR)
+            counts()
             settled = s.wait_settled(target, deadline)
             if settled and replay and self._replayer is not None:
                 with s.settled_cv:  # one replay pass, within the same time
