@@ -108,22 +108,25 @@ def test_another_thread_waits_for_the_init_rather_than_miss_a_name(
     # half run. While it waits, the __init__ itself sees its names as a
     # package being imported does (not yet set: missing).
     (tmp_path / package / "__init__.py").write_text(textwrap.dedent("""\
-        import sys, threading
+        import sys, threading, time
         sys.deferred_runs.append(1)
         me = sys.modules[__name__]
-        asking = threading.Event()
         def ask():
-            asking.set()
             try:
                 sys.deferred_got = me.LATE
             except AttributeError as exc:
                 sys.deferred_got = exc
-        sys.deferred_thread = threading.Thread(target=ask)
-        sys.deferred_thread.start()
-        asking.wait(30)
-        # A thread that did not wait for the __init__ is done well within this
-        # (one that waits never is: a slow machine can only hide a failure).
-        sys.deferred_thread.join(0.5)
+        t = sys.deferred_thread = threading.Thread(target=ask)
+        t.start()
+        # Until the thread has its answer, or waits for it inside the
+        # package's lookup (its innermost frame: the lock is taken in C).
+        deadline = time.monotonic() + 30
+        while t.is_alive() and time.monotonic() < deadline:
+            frame = sys._current_frames().get(t.ident)
+            if frame is not None and frame.f_code.co_name == "__call__" \
+                    and frame.f_code.co_filename.endswith("console.py"):
+                break
+            time.sleep(0.001)
         sys.deferred_early = hasattr(me, "LATE")
         LATE = "set"
         """))
