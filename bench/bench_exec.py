@@ -157,17 +157,17 @@ def main() -> None:
         # where the time goes: start-ups that only import (the last three with
         # the collector off and frozen at exit, as the console script runs)
         quiet = "import gc; gc.disable(); "
-        deferred = (quiet + "from orchestrator_push.console import defer_init; "
-                    "defer_init('prometheus_client'); ")
+        lightened = (quiet + "from orchestrator_push.console import lighten; "
+                     "lighten('exec'); ")
         imports = {what: ([sys.executable, "-c", code], env) for what, code in (
             ("`python -c pass`", "pass"),
             ("`import prometheus_client` (the script's imports)", "import prometheus_client"),
             ("the same, collector off", quiet + "import prometheus_client; gc.freeze()"),
-            ("what a push needs of prometheus_client (no `__init__`), collector off",
-             deferred + "import prometheus_client.exposition, prometheus_client.metrics_core; "
-             "gc.freeze()"),
+            ("what a push needs of prometheus_client (no `__init__`, no HTTP server), "
+             "collector off",
+             lightened + "import http.client, prometheus_client.metrics_core; gc.freeze()"),
             ("what `exec` imports, collector off",
-             deferred + "import orchestrator_push.cli; gc.freeze()"))}
+             lightened + "import orchestrator_push.cli; gc.freeze()"))}
         print("\n| start-up | ms (median) |\n|---|---:|")
         for name, ts in interleaved(imports, rounds).items():
             print(f"| {name} | {statistics.median(ts) * 1000:.0f} |")

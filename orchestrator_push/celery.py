@@ -29,7 +29,7 @@ from celery import Celery, signals
 from . import celery_request, runtime
 from .config import PREFIX, ConfigError
 from .ledger import Loss
-from .logs import log, never_raises
+from .logs import WARNING, emit, never_raises
 from .records import FAILED, RETRY, REVOKED, SUCCESS, TaskRecord
 from .relay import Relay
 
@@ -94,7 +94,8 @@ def instrument(app: Celery | None = None) -> None:
                 handler, weak=False, dispatch_uid=f"orchestrator_push.{handler.__name__}"
             )
         if not celery_request.patch(_request_ended, _request_started):
-            log.warning(
+            emit(
+                WARNING,
                 "orchestrator_push: this Celery's worker Request lacks the methods it "
                 "wraps (checked: %s); hard time limits and lost pool processes are not "
                 "reported",
@@ -419,7 +420,8 @@ def on_beat_init(sender: Any = None, **_: Any) -> None:
 
     flow = str(getattr(app, "main", None) or "celery")
     if not celery_beat.watch(sender.scheduler, engine, flow):
-        log.warning(
+        emit(
+            WARNING,
             "orchestrator_push: beat's scheduler %s has no tick() and schedule to read; "
             "its entries' next runs are not pushed",
             type(sender.scheduler).__name__,

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
+from . import logs
 from .config import Config, ConfigError, load_config
 from .durations import parse_duration
 from .execute import run_and_report
+
+if TYPE_CHECKING:
+    import logging
 
 EXAMPLES = """\
 examples:
@@ -316,9 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _quiet_library_logs(verbose: bool) -> None:
     # exec speaks for itself with one line; the library's own warnings would
     # otherwise reach stderr through logging's last-resort handler.
-    logger = logging.getLogger("orchestrator_push")
+    logs.on_first_line(partial(_route_library_logs, verbose))
+
+
+def _route_library_logs(verbose: bool, logger: logging.Logger) -> None:
+    import logging
+
     if verbose:
-        handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("orchestrator-push: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)

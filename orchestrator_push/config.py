@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import math
 import os
 import re
@@ -19,11 +18,10 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .durations import parse_duration
+from .logs import WARNING, emit
 from .spool import default_dir as default_spool_dir
 
 PREFIX = "ORCHESTRATOR_PUSH_"
-
-log = logging.getLogger("orchestrator_push")
 
 _METRIC_PREFIX_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -441,7 +439,7 @@ def _check(c: Config) -> None:
             raise ConfigError(PREFIX + "LABELS", f"label {name!r} needs a non-empty value")
     for url in c.urls:
         if url.startswith("https://") and not c.tls_verify:
-            log.warning("orchestrator_push: TLS certificate verification is OFF for %s", url)
+            emit(WARNING, "orchestrator_push: TLS certificate verification is OFF for %s", url)
 
 
 def check_buckets(bounds: object) -> None:

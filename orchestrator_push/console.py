@@ -3,7 +3,7 @@ in a process that ends with it.
 
 ``exec`` starts with every run of a cron job or CI step, so its start-up is
 measured against a hand-written ``prometheus_client`` push script
-(docs/performance.md, ``bench/bench_exec.py``). Two costs are the process's,
+(docs/performance.md, ``bench/bench_exec.py``). These costs are the process's,
 not the command's, and this module removes them:
 
 - ``prometheus_client``'s ``__init__`` imports the whole library (every metric
@@ -11,6 +11,14 @@ not the command's, and this module removes them:
   ``platform``), while a push needs two of its modules: about 10 ms of
   imports (65 ms against 55, Python 3.11). The package's ``__init__``
   runs at the first use of a name it defines, not before (:func:`defer_init`).
+- Its ``exposition`` (where ``generate_latest`` is) imports, for its HTTP
+  server, WSGI app and push functions, ``http.server``, ``wsgiref``,
+  ``urllib.request`` and more, none of which a push of ours calls (it sends
+  with :mod:`http.client`): about 9 ms (Python 3.11). ``exec`` imports it
+  with placeholders for those names (:func:`import_without`).
+- :mod:`logging`, about 4 ms, when nothing is logged: ``exec`` forks only to
+  exec its command, so its threads may import it at their first line
+  (:func:`orchestrator_push.logs.threads_may_import`).
 - The collector: about 4 ms of collections while the imports build their
   objects, about 12 ms of a last collection over all of them at exit. Frozen
   objects are never collected, which only a process about to end can afford
@@ -20,14 +28,29 @@ not the command's, and this module removes them:
 from __future__ import annotations
 
 import gc
+import importlib
 import importlib.util
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import logs
 
 if TYPE_CHECKING:
     from importlib.abc import Loader
-    from types import ModuleType
+
+#: What ``prometheus_client.exposition`` imports for its HTTP server, WSGI app,
+#: push functions and compressed answers: none of it encodes a push.
+SERVER_SIDE = (
+    "gzip",
+    "http.server",
+    "socketserver",
+    "urllib.error",
+    "urllib.request",
+    "wsgiref.simple_server",
+)
 
 
 def defer_init(package: str) -> None:
@@ -73,9 +96,66 @@ class _Init:
         return getattr(self.module, name)
 
 
+def import_without(module: str, unused: Iterable[str]) -> None:
+    """Import ``module`` while the modules ``unused`` (those not imported yet)
+    are placeholders: each name taken from them is a class that raises
+    :class:`RuntimeError` when called or instantiated. For a process that uses
+    none of those names. The placeholders are gone from :data:`sys.modules`
+    afterwards (a later import gets the real module); if the import fails with
+    them, what it imported is forgotten and a later import is a plain one."""
+    if module in sys.modules:
+        return
+    absent = [name for name in unused if name not in sys.modules]
+    before = set(sys.modules)
+    for name in absent:
+        sys.modules[name] = _Placeholders(name, module)
+    try:
+        importlib.import_module(module)
+    except Exception:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    finally:
+        for name in absent:
+            if isinstance(sys.modules.get(name), _Placeholders):
+                del sys.modules[name]
+
+
+class _Placeholders(ModuleType):
+    """A module imported by another one for names this process never uses."""
+
+    def __init__(self, name: str, importer: str) -> None:
+        super().__init__(name)
+        self._importer = importer
+
+    def __getattr__(self, name: str) -> type:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        what = f"{self.__name__}.{name}"
+        why = (
+            f"{what} is a placeholder: this process imported {self._importer} "
+            "without it (orchestrator_push.console.import_without)"
+        )
+
+        def refuse(*_args: object, **_kwargs: object) -> NoReturn:
+            raise RuntimeError(why)
+
+        placeholder = type(name, (), {"__init__": refuse, "__module__": self.__name__})
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+def lighten(command: str | None) -> None:
+    """Spare the process of ``command`` (``exec``, ``status``, ...) the imports
+    it has no use for, before it imports anything else."""
+    defer_init("prometheus_client")
+    if command == "exec":  # the operator's commands may serve, fetch and log
+        import_without("prometheus_client.exposition", SERVER_SIDE)
+        logs.threads_may_import()
+
+
 def run() -> None:
     gc.disable()
-    defer_init("prometheus_client")
+    lighten(sys.argv[1] if len(sys.argv) > 1 else None)
     from .cli import main  # the imports: nothing they build is garbage
 
     # Collections go on while the command runs (it may run for hours), over

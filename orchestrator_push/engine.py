@@ -12,7 +12,6 @@ the parent's to send.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import threading
 import time
@@ -25,7 +24,7 @@ from . import host_counts
 from .config import Config
 from .host_counts import HostCounts
 from .ledger import Ledger, Loss, Stats
-from .logs import emit, warn_limited
+from .logs import ERROR, WARNING, emit, warn_limited
 from .records import FlowRecord, TaskRecord
 from .replayer import Replayer
 from .schema import GroupKey, GroupKind, Running
@@ -140,7 +139,7 @@ class Engine:
                 self._ledger.recorded()
             self._after_record(ok)
         except Exception:  # nothing may reach the user's task
-            warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
+            warn_limited("record", "orchestrator_push: could not record", level=ERROR)
 
     def count(self, rec: TaskRecord | FlowRecord) -> None:
         """Count a finished attempt or flow run in the host's store (host_counts.py),
@@ -157,7 +156,7 @@ class Engine:
                 if not self._started:
                     self._start()
         except Exception:
-            warn_limited("count", "orchestrator_push: could not count", level=logging.ERROR)
+            warn_limited("count", "orchestrator_push: could not count", level=ERROR)
 
     def record_flow(self, rec: FlowRecord) -> None:
         """Record a finished flow run."""
@@ -170,7 +169,7 @@ class Engine:
                 self._ledger.recorded()
             self._after_record(ok)
         except Exception:
-            warn_limited("record", "orchestrator_push: could not record", level=logging.ERROR)
+            warn_limited("record", "orchestrator_push: could not record", level=ERROR)
 
     def record_start(
         self,
@@ -262,9 +261,7 @@ class Engine:
                 ok = self._table.node(framework, _key(counters), Node(role, running), time.time())
             self._after_record(ok)
         except Exception:
-            warn_limited(
-                "node", "orchestrator_push: could not register the node", level=logging.ERROR
-            )
+            warn_limited("node", "orchestrator_push: could not register the node", level=ERROR)
 
     def node_down(
         self, counters: Mapping[str, str] | tuple[tuple[str, str], ...], framework: str
@@ -274,9 +271,7 @@ class Engine:
             with self._lock:
                 self._table.node_down(framework, _key(counters), time.time())
         except Exception:
-            warn_limited(
-                "node", "orchestrator_push: could not mark the node down", level=logging.ERROR
-            )
+            warn_limited("node", "orchestrator_push: could not mark the node down", level=ERROR)
 
     def _admit(self, rec: _R) -> _R | None:
         """The record to fold (cleaned if need be), or None: disabled, closed, refused."""
@@ -326,7 +321,7 @@ class Engine:
         if not self._warned_cap:  # once: the pushed count says the rest
             self._warned_cap = True
             emit(
-                logging.WARNING,
+                WARNING,
                 "orchestrator_push: more than %d groups in this process, none of them "
                 "delivered yet (ORCHESTRATOR_PUSH_MAX_GROUPS); dropping records for new ones "
                 "(counted in orchestrator_push_records_dropped_total"
@@ -383,7 +378,7 @@ class Engine:
                 settled = self._spool_pending()
             return self._ledger.lost_since_last_look() == 0 and settled
         except Exception:
-            warn_limited("flush", "orchestrator_push: flush failed", level=logging.ERROR)
+            warn_limited("flush", "orchestrator_push: flush failed", level=ERROR)
             return False
 
     def _host_counts(self, framework: str) -> HostCounts:
@@ -419,7 +414,7 @@ class Engine:
                 h.deliver(use, self.config.namespace, deadline, self._ledger, exiting=exiting)
         except Exception:  # a bug here must not cost a flush its wait or its spool
             msg = "orchestrator_push: counting this host's runs failed"
-            warn_limited("host-counts-error", msg, level=logging.ERROR)
+            warn_limited("host-counts-error", msg, level=ERROR)
         finally:
             if own:
                 use.close()
@@ -486,7 +481,7 @@ class Engine:
             left = self._table.pending()
         if keep and ok:
             emit(
-                logging.WARNING,
+                WARNING,
                 "orchestrator_push: %s unreachable; %d records spooled to %s for the next "
                 "process that reaches it",
                 self.config.url,

@@ -1,18 +1,31 @@
-"""Rate-limited warnings: a gateway that is down must not flood a worker's log."""
+"""Rate-limited warnings: a gateway that is down must not flood a worker's log.
+
+Every line goes to the ``orchestrator_push`` logger, through :func:`emit`.
+:mod:`logging` is imported at the first line, not before: an ``exec`` that
+has nothing to say spares its start-up the import (about 4 ms).
+"""
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import ParamSpec
+from typing import TYPE_CHECKING, ParamSpec
+
+if TYPE_CHECKING:
+    from logging import Logger
 
 P = ParamSpec("P")
 
-log = logging.getLogger("orchestrator_push")
+NAME = "orchestrator_push"
+#: logging's levels, its documented values, without importing it
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+
+_logger: Logger | None = None
+_setups: list[Callable[[Logger], None]] = []
+_threads_may_import = False
 
 _WINDOW = 60.0
 _lock = threading.Lock()
@@ -57,13 +70,56 @@ os.register_at_fork(
 )
 
 
+def logger() -> Logger:
+    """The ``orchestrator_push`` logger, with :func:`on_first_line`'s setups applied."""
+    global _logger
+    with _writing:
+        if _logger is None:
+            import logging
+
+            log = logging.getLogger(NAME)
+            for setup in _setups:
+                setup(log)
+            _logger = log
+        return _logger
+
+
+def before_threads() -> None:
+    """Called before a thread of ours starts. It may log, and a fork during an
+    import on a thread leaves the child that module's lock, held by a thread it
+    does not have (its next import of the module hangs): :mod:`logging` is
+    imported now, on the caller's thread, unless :func:`threads_may_import`."""
+    if not _threads_may_import:
+        logger()
+
+
+def threads_may_import() -> None:
+    """This process forks only to exec (``orchestrator-push exec``: a
+    subprocess): our threads may import :mod:`logging` at their first line."""
+    global _threads_may_import
+    _threads_may_import = True
+
+
+def on_first_line(setup: Callable[[Logger], None]) -> None:
+    """Set the logger up (``setup(logger)``) when it is first used, or now if it has been."""
+    with _writing:
+        if _logger is None:
+            _setups.append(setup)
+        else:
+            setup(_logger)
+
+
 def emit(level: int, msg: str, *args: object) -> None:
     """Log one line of ours; a fork does not start in the middle of it."""
     with _writing:
+        try:
+            log = logger()
+        except Exception:  # no import at interpreter shutdown: the line is lost, not raised
+            return
         log.log(level, msg, *args)
 
 
-def warn_limited(key: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
+def warn_limited(key: str, msg: str, *args: object, level: int = WARNING) -> None:
     """Log at most once per minute per ``key``, saying how many were held back."""
     now = time.monotonic()
     with _lock:
@@ -91,7 +147,7 @@ def never_raises(fn: Callable[P, None]) -> Callable[P, None]:
                 f"hook-{fn.__name__}",
                 "orchestrator_push: %s failed",
                 fn.__name__,
-                level=logging.ERROR,
+                level=ERROR,
             )
 
     return wrapper

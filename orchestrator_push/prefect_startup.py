@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from .after_import import when_imported
-from .logs import log
+from .logs import ERROR, WARNING, emit
 
 #: Our ``prefect.plugins`` entry point's name (what PREFECT_PLUGINS_ALLOW lists).
 PLUGIN = "orchestrator_push"
@@ -44,11 +44,12 @@ def _after_prefect(_: ModuleType) -> None:
     try:
         adapter.instrument()
     except ConfigError as exc:  # what Prefect's loader would log for the plugin
-        log.error("orchestrator_push: not instrumented: %s", exc)
+        emit(ERROR, "orchestrator_push: not instrumented: %s", exc)
         return
-    log.warning(
+    emit(
+        WARNING,
         "orchestrator_push: Prefect's plugin loader did not run (was prefect first imported "
-        "inside a running event loop?); instrumented after the import instead"
+        "inside a running event loop?); instrumented after the import instead",
     )
 
 

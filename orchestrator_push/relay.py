@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from .ledger import Loss
-from .logs import warn_limited
+from .logs import before_threads, warn_limited
 
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = select.PIPE_BUF
@@ -66,6 +66,7 @@ class Relay:
         self._thread = threading.Thread(
             target=self._read, name="orchestrator-push-relay", daemon=True
         )
+        before_threads()
         self._thread.start()
         os.register_at_fork(after_in_child=self._after_fork)
 

@@ -14,7 +14,6 @@ or refused credentials every claimed file goes back for later.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from prometheus_client.metrics_core import Metric
 from . import schema
 from .config import Config
 from .ledger import Ledger, Loss
-from .logs import emit, warn_limited
+from .logs import ERROR, INFO, WARNING, emit, warn_limited
 from .schema import GroupKey, GroupKind
 from .sender import Action, policy
 from .spool import Entry, Spool
@@ -108,7 +107,7 @@ class Replayer:
                     exc,
                     "; check the credentials" if auth else "",
                     self.spool.directory,
-                    level=logging.ERROR if auth else logging.WARNING,
+                    level=ERROR if auth else WARNING,
                 )
                 return self._release(claimed)
             for ns in {ns for ns, _ in merged}:
@@ -137,14 +136,14 @@ class Replayer:
                         self._config.url,
                         outcome.status,
                         self.spool.directory,
-                        level=logging.ERROR,
+                        level=ERROR,
                     )
                 return self._release(claimed)
         for path, _ in claimed:
             self.spool.done(path)
         self._ledger.replayed(delivered)
         emit(
-            logging.INFO,
+            INFO,
             "orchestrator_push: replayed %d spool files to %s",
             len(claimed),
             self._config.url,

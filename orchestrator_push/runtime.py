@@ -7,14 +7,13 @@ only :func:`record_task` / :func:`record_flow`, which never raise.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
 
 from .config import Config, load_config
 from .engine import Engine
-from .logs import warn_limited
+from .logs import ERROR, warn_limited
 from .records import FlowRecord, TaskRecord
 
 _lock = threading.Lock()
@@ -93,7 +92,7 @@ def get_engine(
             "config",
             "orchestrator_push: disabled, invalid configuration: %s",
             exc,
-            level=logging.ERROR,
+            level=ERROR,
         )
         return None
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .engine import Engine
-from .logs import warn_limited
+from .logs import before_threads, warn_limited
 from .schedules import default_grace
 
 #: Unchanged schedules are recorded again this often, so a gateway restarted
@@ -127,6 +127,7 @@ class Poller:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
+        before_threads()
         self._thread.start()
 
     def stop(self) -> None:

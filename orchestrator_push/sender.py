@@ -11,7 +11,6 @@ the caller's thread (:meth:`Sender.cycle`) when no thread can be started
 from __future__ import annotations
 
 import enum
-import logging
 import random
 import threading
 import time
@@ -22,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 from . import schema
 from .config import Config
 from .ledger import Ledger, Loss, Stats
-from .logs import warn_limited
+from .logs import ERROR, before_threads, warn_limited
 from .schema import GroupKind
 from .table import Group, Snapshot, Table
 from .transport import Outcome, Transport
@@ -125,6 +124,7 @@ class Sender:
 
     def start(self, make_transport: Callable[[Config], Transport]) -> None:
         """Start the thread (raises RuntimeError when none can start)."""
+        before_threads()
         t = threading.Thread(
             target=self._run, args=(make_transport,), name="orchestrator-push", daemon=True
         )
@@ -146,9 +146,7 @@ class Sender:
                 try:
                     self.cycle(transport)
                 except Exception:  # keep the sender alive whatever happens
-                    warn_limited(
-                        "cycle", "orchestrator_push: sender cycle failed", level=logging.ERROR
-                    )
+                    warn_limited("cycle", "orchestrator_push: sender cycle failed", level=ERROR)
         finally:
             transport.close()
 
@@ -263,7 +261,7 @@ class Sender:
                 self._config.url,
                 outcome.status,
                 "spooled" if kept else "dropped",
-                level=logging.ERROR,
+                level=ERROR,
             )
             if kept:
                 with self._lock:

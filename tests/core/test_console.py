@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gateway import Pushgateway
 
-from orchestrator_push.console import defer_init
+from orchestrator_push.console import SERVER_SIDE, defer_init, import_without
 
 NS = "orchestrator"
 
@@ -31,10 +31,12 @@ def test_the_console_script_collects_garbage_while_the_command_runs() -> None:
 
 #: What one `exec` of a command without a schedule has no use for: the whole
 #: of prometheus_client (its __init__: every metric type and collector, about
-#: 10 ms of imports), schedules and time zones, the operator's commands, reading groups.
+#: 10 ms of imports), the HTTP server and push functions of its exposition
+#: (about 9 ms), logging when nothing is logged (about 4 ms), schedules and
+#: time zones, the operator's commands, reading groups.
 NOT_FOR_ONE_RECORD = ("prometheus_client.metrics", "prometheus_client.process_collector",
-                      "orchestrator_push.schedules", "zoneinfo", "cronsim",
-                      "orchestrator_push.admin", "orchestrator_push.doctor",
+                      *SERVER_SIDE, "logging", "orchestrator_push.schedules", "zoneinfo",
+                      "cronsim", "orchestrator_push.admin", "orchestrator_push.doctor",
                       "orchestrator_push.groups", "orchestrator_push.gateways")
 
 
@@ -141,3 +143,78 @@ def test_another_thread_waits_for_the_init_rather_than_miss_a_name(
     assert sys.deferred_got == "set"  # type: ignore[attr-defined]
     assert sys.deferred_early is False  # type: ignore[attr-defined]
     assert runs() == 1
+
+
+#: The same families encoded by prometheus_client's exposition, imported as
+#: the console script's `exec` imports it (argv[1] "without") or as usual.
+ENCODE = textwrap.dedent(r"""
+    import sys
+    from orchestrator_push.console import SERVER_SIDE, defer_init, import_without
+    if sys.argv[1] == "without":
+        defer_init("prometheus_client")
+        import_without("prometheus_client.exposition", SERVER_SIDE)
+    from prometheus_client import exposition
+    from prometheus_client.metrics_core import (
+        CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily)
+    class Families:
+        def collect(self):
+            g = GaugeMetricFamily("g", 'help "quoted"\\n', labels=["flow"])
+            g.add_metric(['a"b\\c\nd'], 1.5)
+            g.add_metric(["x"], float("nan"))
+            c = CounterMetricFamily("c", "a counter", labels=["status"])
+            c.add_metric(["ok"], 3)
+            h = HistogramMetricFamily("h", "a histogram", labels=["t"])
+            h.add_metric(["t1"], [("0.5", 1), ("+Inf", 2)], sum_value=2.5)
+            return [g, c, h]
+    sys.stdout.buffer.write(exposition.generate_latest(Families()))
+    if sys.argv[1] == "without":
+        missing = [m for m in SERVER_SIDE if m in sys.modules]
+        try:
+            exposition.push_to_gateway("127.0.0.1:1", job="j", registry=Families())
+        except RuntimeError as exc:
+            refused = "placeholder" in str(exc)
+        import urllib.request  # the real one: the placeholder is gone
+        print("\n", missing, refused, urllib.request.Request("http://x/").full_url)
+    """)
+
+
+def test_the_exposition_without_its_server_encodes_as_the_real_one() -> None:
+    usual, without = (subprocess.run([sys.executable, "-c", ENCODE, how], capture_output=True,
+                                     text=True, timeout=60, cwd="/") for how in ("usual", "without"))
+    assert (usual.returncode, usual.stderr, without.returncode, without.stderr) == (0, "", 0, "")
+    assert 'g{flow="a\\"b\\\\c\\nd"} 1.5' in usual.stdout  # the escapes at work
+    assert without.stdout == usual.stdout + "\n [] True http://x/\n"
+
+
+@pytest.fixture
+def importer(package: str, tmp_path: Path) -> tuple[str, Path]:
+    """`package.heavy` (its import counted) and `package.user`, which uses it."""
+    (tmp_path / package / "heavy.py").write_text(
+        "import sys\nsys.deferred_runs.append('heavy')\nclass Base:\n    pass\n")
+    return package, tmp_path / package / "user.py"
+
+
+def test_an_import_without_a_module_gets_placeholders_that_refuse_to_run(
+        importer: tuple[str, Path]) -> None:
+    package, user = importer
+    user.write_text("from .heavy import Base\nclass Server(Base):\n    pass\n")
+    import_without(f"{package}.user", [f"{package}.heavy"])
+    mod = sys.modules[f"{package}.user"]
+    assert sys.deferred_runs == [1]  # type: ignore[attr-defined]  # the package, not heavy
+    assert f"{package}.heavy" not in sys.modules
+    with pytest.raises(RuntimeError, match=f"{package}.heavy.Base is a placeholder"):
+        mod.Server()
+    heavy = __import__(f"{package}.heavy", fromlist=["Base"])  # later: the real one
+    assert sys.deferred_runs == [1, "heavy"] and heavy.Base() is not None  # type: ignore[attr-defined]
+
+
+def test_an_import_that_fails_with_placeholders_is_forgotten(
+        importer: tuple[str, Path]) -> None:
+    package, user = importer
+    user.write_text("from .heavy import Base\nBASE = Base()\n")  # runs it at import
+    __import__(package)  # as prometheus_client is, deferred
+    import_without(f"{package}.user", [f"{package}.heavy"])
+    assert sorted(m for m in sys.modules if m.startswith(package)) == [package, f"{package}.part"]
+    mod = __import__(f"{package}.user", fromlist=["BASE"])  # as if nothing happened
+    assert type(mod.BASE).__module__ == f"{package}.heavy"
+    assert sys.deferred_runs == [1, "heavy"]  # type: ignore[attr-defined]

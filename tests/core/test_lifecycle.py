@@ -120,7 +120,7 @@ def test_a_fork_waits_for_a_log_line_of_ours_being_written() -> None:
             done.set()
 
     handler = Slow()
-    logs.log.addHandler(handler)
+    logs.logger().addHandler(handler)
     try:
         t = threading.Thread(target=logs.emit, args=(logging.WARNING, "orchestrator_push: slow"))
         t.start()
@@ -136,7 +136,7 @@ def test_a_fork_waits_for_a_log_line_of_ours_being_written() -> None:
         os.waitpid(pid, 0)
         t.join(10)
     finally:
-        logs.log.removeHandler(handler)
+        logs.logger().removeHandler(handler)
 
 
 SENDER_IMPORTS = textwrap.dedent("""
