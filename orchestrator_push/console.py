@@ -16,9 +16,9 @@ not the command's, and this module removes them:
   ``urllib.request`` and more, none of which a push of ours calls (it sends
   with :mod:`http.client`): about 9 ms (Python 3.11). ``exec`` imports it
   with placeholders for those names (:func:`import_without`).
-- :mod:`logging`, about 4 ms, when nothing is logged: ``exec`` forks only to
-  exec its command, so its threads may import it at their first line
-  (:func:`orchestrator_push.logs.threads_may_import`).
+- :mod:`logging` (about 4 ms) and :mod:`encodings.idna` when nothing needs
+  them: ``exec`` forks only to exec its command, so its threads may import
+  them at first use (preimport.py).
 - The collector: about 4 ms of collections while the imports build their
   objects, about 12 ms of a last collection over all of them at exit. Frozen
   objects are never collected, which only a process about to end can afford
@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import logs
+from . import preimport
 
 if TYPE_CHECKING:
     from importlib.abc import Loader
@@ -150,7 +150,7 @@ def lighten(command: str | None) -> None:
     defer_init("prometheus_client")
     if command == "exec":  # the operator's commands may serve, fetch and log
         import_without("prometheus_client.exposition", SERVER_SIDE)
-        logs.threads_may_import()
+        preimport.threads_may_import()
 
 
 def run() -> None:

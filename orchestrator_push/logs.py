@@ -1,8 +1,9 @@
 """Rate-limited warnings: a gateway that is down must not flood a worker's log.
 
 Every line goes to the ``orchestrator_push`` logger, through :func:`emit`.
-:mod:`logging` is imported at the first line, not before: an ``exec`` that
-has nothing to say spares its start-up the import (about 4 ms).
+:mod:`logging` is imported at the first line (or before our threads start,
+preimport.py), not with this module: an ``exec`` that has nothing to say
+spares its start-up the import (about 4 ms).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 
 _logger: Logger | None = None
 _setups: list[Callable[[Logger], None]] = []
-_threads_may_import = False
 
 _WINDOW = 60.0
 _lock = threading.Lock()
@@ -82,22 +82,6 @@ def logger() -> Logger:
                 setup(log)
             _logger = log
         return _logger
-
-
-def before_threads() -> None:
-    """Called before a thread of ours starts. It may log, and a fork during an
-    import on a thread leaves the child that module's lock, held by a thread it
-    does not have (its next import of the module hangs): :mod:`logging` is
-    imported now, on the caller's thread, unless :func:`threads_may_import`."""
-    if not _threads_may_import:
-        logger()
-
-
-def threads_may_import() -> None:
-    """This process forks only to exec (``orchestrator-push exec``: a
-    subprocess): our threads may import :mod:`logging` at their first line."""
-    global _threads_may_import
-    _threads_may_import = True
 
 
 def on_first_line(setup: Callable[[Logger], None]) -> None:

@@ -32,7 +32,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from .ledger import Loss
-from .logs import before_threads, warn_limited
+from .logs import warn_limited
+from .preimport import before_threads
 
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = select.PIPE_BUF

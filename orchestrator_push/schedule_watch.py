@@ -16,7 +16,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from .engine import Engine
-from .logs import before_threads, warn_limited
+from .logs import warn_limited
+from .preimport import before_threads
 from .schedules import default_grace
 
 #: Unchanged schedules are recorded again this often, so a gateway restarted

@@ -21,7 +21,8 @@ from prometheus_client.metrics_core import Metric
 from . import schema
 from .config import Config
 from .ledger import Ledger, Loss, Stats
-from .logs import ERROR, before_threads, warn_limited
+from .logs import ERROR, warn_limited
+from .preimport import before_threads
 from .schema import GroupKind
 from .table import Group, Snapshot, Table
 from .transport import Outcome, Transport

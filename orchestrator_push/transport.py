@@ -9,14 +9,6 @@ never an exception. Retries and backoff are the sender's business
 from __future__ import annotations
 
 import base64
-
-# The first connection to a host name given as text encodes it with the idna
-# codec, which Python imports on first use. Done on the sender's thread, that
-# import can be cut by a fork (Celery's prefork pool forks while the sender
-# makes its first push): the child inherits the module's import lock held by a
-# thread it does not have, and hangs at its own first connection (a Celery pool
-# child storing its first result). So import it here, before any thread starts.
-import encodings.idna  # noqa: F401
 import errno
 import http.client
 import socket
