@@ -19,6 +19,8 @@ not the command's, and this module removes them:
 - :mod:`logging` (about 4 ms) and :mod:`encodings.idna` when nothing needs
   them: ``exec`` forks only to exec its command, so its threads may import
   them at first use (preimport.py).
+- :mod:`inspect`, about 4 ms, which :mod:`dataclasses` imports and, before
+  Python 3.12, uses only for a class without a docstring: deferred alike.
 - The collector: about 4 ms of collections while the imports build their
   objects, about 12 ms of a last collection over all of them at exit. Frozen
   objects are never collected, which only a process about to end can afford
@@ -57,12 +59,13 @@ def defer_init(package: str) -> None:
     """Make ``package`` importable without running its ``__init__``: its
     submodules import as usual, and the first lookup of any other name on the
     package runs the ``__init__`` (once, whichever thread asks first; the
-    others wait for it) and answers it. A package already imported, or not
-    found, is left alone."""
+    others wait for it) and answers it. A plain module is deferred alike: its
+    code runs at the first lookup of a name on it. A package or module
+    already imported, or not found, is left alone."""
     if package in sys.modules:
         return
     spec = importlib.util.find_spec(package)
-    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+    if spec is None or spec.loader is None:
         return
     module = importlib.util.module_from_spec(spec)
     module.__dict__["__getattr__"] = _Init(module, spec.loader)
@@ -151,6 +154,8 @@ def lighten(command: str | None) -> None:
     if command == "exec":  # the operator's commands may serve, fetch and log
         import_without("prometheus_client.exposition", SERVER_SIDE)
         preimport.threads_may_import()
+        if sys.version_info < (3, 12):  # later, dataclasses reads annotations with it
+            defer_init("inspect")
 
 
 def run() -> None:

@@ -41,6 +41,8 @@ Absorb = Callable[[str, GroupKind, GroupKey, Entry], bool]
 
 @dataclass(frozen=True)
 class PassResult:
+    """What one replay pass did."""
+
     files: int  # files claimed and settled in this pass
     more: bool  # the spool may hold more to replay now (this pass found files)
     failed: bool  # the gateway could not take them (all released for later)
