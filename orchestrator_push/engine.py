@@ -405,6 +405,9 @@ class Engine:
         in a pending file. Never raises."""
         with self._lock:
             hosts = list(self._hosts.values())  # a delivery in flight may put some back
+        # Nothing counted since the last delivery (the usual case): no transport,
+        # which over TLS would cost a context (reading the CA bundle) for nothing.
+        hosts = [h for h in hosts if h.pending()]
         if not hosts or not self.config.enabled:
             return
         own = transport is None
