@@ -15,8 +15,7 @@ or refused credentials every claimed file goes back for later.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client.metrics_core import Metric
 
@@ -39,8 +38,7 @@ REPLAY_BATCH = 50
 Absorb = Callable[[str, GroupKind, GroupKey, Entry], bool]
 
 
-@dataclass(frozen=True)
-class PassResult:
+class PassResult(NamedTuple):
     """What one replay pass did."""
 
     files: int  # files claimed and settled in this pass

@@ -22,8 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .records import FlowRecord, TaskRecord
 
@@ -41,8 +40,7 @@ def default_dir() -> str:
     return os.path.join(base, "orchestrator-push", "spool")
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One group's undelivered state."""
 
     kind: str  # "task" or "flow"

@@ -15,7 +15,7 @@ folded in while that push was in flight stays pending.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from prometheus_client.metrics_core import Metric
 
@@ -45,7 +45,6 @@ TTL_INTERVALS = 3
 Schedule = tuple[float | Mapping[str, float] | None, float, float | None] | None
 
 
-@dataclass
 class Node:
     """A long-lived process that pushes its liveness in its counters group.
 
@@ -53,12 +52,16 @@ class Node:
     reads of the framework's own state) says what is in progress.
     """
 
-    role: str
-    running: Callable[[], schema.Running] | None = None
-    up: bool = True
-    last_seen: float = 0.0
-    known: dict[tuple[str, str], None] = field(default_factory=dict)
-    last_running: schema.Running | None = None
+    __slots__ = ("known", "last_running", "last_seen", "role", "running", "up")
+
+    def __init__(self, role: str, running: Callable[[], schema.Running] | None = None) -> None:
+        self.role = role
+        self.running = running
+        self.up = True
+        self.last_seen = 0.0
+        #: the (flow, task) names seen in progress here (at most MAX_KNOWN_TASKS)
+        self.known: dict[tuple[str, str], None] = {}
+        self.last_running: schema.Running | None = None
 
     def sample(self) -> schema.Running | None:
         """What ``running`` says now; the previous answer if it fails."""
@@ -228,8 +231,7 @@ def _entry(
     return Entry(g.kind.value, g.key, ns, clean, success_at, failure_at, records)
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """What one push of ``group`` sends: built under the lock, encoded outside it."""
 
     group: Group

@@ -14,9 +14,8 @@ import http.client
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -36,8 +35,7 @@ class Reason(str, Enum):
     HTTP = "http"  # an answer that was not 200/202: the label is http_<status>
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """``status`` is the HTTP status, or 0 when no answer came (``error`` says
     why, ``reason`` classifies it)."""
 
