@@ -405,22 +405,28 @@ class Engine:
         in a pending file. Never raises."""
         with self._lock:
             hosts = list(self._hosts.values())  # a delivery in flight may put some back
-        # Nothing counted since the last delivery (the usual case): no transport,
-        # which over TLS would cost a context (reading the CA bundle) for nothing.
-        hosts = [h for h in hosts if h.pending()]
         if not hosts or not self.config.enabled:
             return
-        own = transport is None
-        use = self._make_transport(self.config) if transport is None else transport
+        # Made at the first push only: usually nothing was counted since the
+        # last delivery, and over TLS a transport costs a context (the CA bundle read).
+        own: list[Transport] = []
+
+        def connect() -> Transport:
+            if transport is not None:
+                return transport
+            if not own:
+                own.append(self._make_transport(self.config))
+            return own[0]
+
         try:
             for h in hosts:
-                h.deliver(use, self.config.namespace, deadline, self._ledger, exiting=exiting)
+                h.deliver(connect, self.config.namespace, deadline, self._ledger, exiting=exiting)
         except Exception:  # a bug here must not cost a flush its wait or its spool
             msg = "orchestrator_push: counting this host's runs failed"
             warn_limited("host-counts-error", msg, level=ERROR)
         finally:
-            if own:
-                use.close()
+            for t in own:
+                t.close()
 
     def _wait(self, target: int, deadline: float, replay: bool, counts: Callable[[], None]) -> bool:
         """Wake the sender and wait until it has settled ``target``; ``counts``

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from . import schema
 from .config import DEFAULT_BUCKETS
@@ -116,9 +116,16 @@ class HostCounts:
             return len(self._counts)
 
     def deliver(
-        self, transport: Transport, ns: str, deadline: float, ledger: Ledger, *, exiting: bool
+        self,
+        connect: Callable[[], Transport],
+        ns: str,
+        deadline: float,
+        ledger: Ledger,
+        *,
+        exiting: bool,
     ) -> bool:
-        """Hand this process's counts to the store and push the host's totals.
+        """Hand this process's counts to the store and push the host's totals
+        (on ``connect()``'s transport, asked for only then).
         True when they reached the gateway; False when they wait in the store
         for the next push, or were lost (ledger). The store locked past the
         deadline: a process that goes on keeps its counts for its next try; one
@@ -128,12 +135,17 @@ class HostCounts:
         if not self._delivering.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
             return False
         try:
-            return self._deliver(transport, ns, deadline, ledger, exiting)
+            return self._deliver(connect, ns, deadline, ledger, exiting)
         finally:
             self._delivering.release()
 
     def _deliver(
-        self, transport: Transport, ns: str, deadline: float, ledger: Ledger, exiting: bool
+        self,
+        connect: Callable[[], Transport],
+        ns: str,
+        deadline: float,
+        ledger: Ledger,
+        exiting: bool,
     ) -> bool:
         with self._lock:
             n = len(self._counts)
@@ -180,7 +192,7 @@ class HostCounts:
             families = totals.families(ns)
             if self._ttl > 0:
                 families.append(schema.ttl_family(ns, self._framework, self._ttl))
-            outcome = transport.request("PUT", self.path, schema.encode(families))
+            outcome = connect().request("PUT", self.path, schema.encode(families))
             if outcome.ok:
                 ledger.pushed()
                 return True

@@ -223,7 +223,8 @@ def test_a_child_forked_while_the_store_is_locked_does_not_keep_the_lock(
     h.add(TaskRecord("exec", "cron", "main", "success", end_time=1.0, duration=0.1))
     config = load_config({}, url=pushgateway.url)
     try:
-        assert h.deliver(ForkingTransport(config), NS, time.monotonic() + 5, Ledger(),
+        forking = ForkingTransport(config)
+        assert h.deliver(lambda: forking, NS, time.monotonic() + 5, Ledger(),
                          exiting=True)
         assert len(children) == 1 and os.waitpid(children[0], os.WNOHANG) == (0, 0)  # alive
         fd = os.open(h.store[: -len(".json")] + ".lock", os.O_RDWR)
