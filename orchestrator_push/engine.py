@@ -396,13 +396,20 @@ class Engine:
             return h
 
     def _deliver_host_counts(
-        self, deadline: float, *, exiting: bool, transport: Transport | None = None
+        self,
+        deadline: float,
+        *,
+        exiting: bool,
+        transport: Transport | None = None,
+        wait: bool = True,
     ) -> None:
         """Counts for the host's store: after each sender cycle (a long-lived
         process, on the sender's transport) and at every flush, on the caller's
         thread (a short-lived process's at its exit). Not delivered (the gateway
         down, the store busy) means kept: in memory, in the store, or (exiting)
-        in a pending file. Never raises."""
+        in a pending file. Without ``wait`` (the sender's), a delivery in
+        progress (a flush's, which takes what there is) is not waited for: the
+        sender's pushes are not delayed by it. Never raises."""
         with self._lock:
             hosts = list(self._hosts.values())  # a delivery in flight may put some back
         if not hosts or not self.config.enabled:
@@ -420,7 +427,14 @@ class Engine:
 
         try:
             for h in hosts:
-                h.deliver(connect, self.config.namespace, deadline, self._ledger, exiting=exiting)
+                h.deliver(
+                    connect,
+                    self.config.namespace,
+                    deadline,
+                    self._ledger,
+                    exiting=exiting,
+                    wait=wait,
+                )
         except Exception:  # a bug here must not cost a flush its wait or its spool
             msg = "orchestrator_push: counting this host's runs failed"
             warn_limited("host-counts-error", msg, level=ERROR)
@@ -619,7 +633,7 @@ class Engine:
         transport.catch_up()
         if not self._exiting:
             self._deliver_host_counts(
-                time.monotonic() + HOST_LOCK_WAIT, exiting=False, transport=transport
+                time.monotonic() + HOST_LOCK_WAIT, exiting=False, transport=transport, wait=False
             )
         self._replay(transport)
 

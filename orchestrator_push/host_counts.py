@@ -123,16 +123,21 @@ class HostCounts:
         ledger: Ledger,
         *,
         exiting: bool,
+        wait: bool = True,
     ) -> bool:
         """Hand this process's counts to the store and push the host's totals
         (on ``connect()``'s transport, asked for only then).
         True when they reached the gateway; False when they wait in the store
         for the next push, or were lost (ledger). The store locked past the
         deadline: a process that goes on keeps its counts for its next try; one
-        that is ``exiting`` leaves them in a pending file."""
+        that is ``exiting`` leaves them in a pending file. Another delivery of
+        this process in progress is waited for (``wait``, until the deadline),
+        or left to take the counts (False returned, the next try sends what
+        comes after)."""
         # One delivery at a time in this process: an exit flush waits for the
         # sender's, then sees what that one had to keep.
-        if not self._delivering.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+        timeout = max(deadline - time.monotonic(), 0.0) if wait else 0.0
+        if not self._delivering.acquire(timeout=timeout):
             return False
         try:
             return self._deliver(connect, ns, deadline, ledger, exiting)

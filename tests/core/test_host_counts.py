@@ -285,3 +285,60 @@ def test_a_pending_file_of_another_shape_is_left_and_the_run_counted(
     assert run_exec(pushgateway.url, spool, 0).returncode == 0
     assert host_group(pushgateway) == {"success": 2}
     assert os.path.exists(pending)  # left alone, as a file being written would be
+
+
+def test_the_senders_delivery_leaves_the_counts_to_one_in_progress(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    """A flush's delivery in progress takes what was counted; the sender's,
+    meanwhile, returns at once (its pushes are not held up) and leaves what
+    comes after to the next delivery, which a flush waits for."""
+    import sys
+    import threading
+    import time
+
+    from orchestrator_push.config import load_config
+    from orchestrator_push.ledger import Ledger
+    from orchestrator_push.transport import HttpTransport
+
+    h = store_of(os.path.join(str(tmp_path), "spool"))
+    transport = HttpTransport(load_config({}, url=pushgateway.url))
+    inside, go = threading.Event(), threading.Event()
+
+    def held_connect() -> HttpTransport:  # the store written, the push about to go
+        inside.set()
+        go.wait(30)
+        return transport
+
+    def deliver(connect: object, wait: bool = True) -> bool:
+        return h.deliver(connect, NS, time.monotonic() + 10, Ledger(),  # type: ignore[arg-type]
+                         exiting=False, wait=wait)
+
+    run = TaskRecord("exec", "cron", "main", "success", end_time=1.0, duration=0.1)
+    h.add(run)
+    first: list[bool] = []
+    flush = threading.Thread(target=lambda: first.append(deliver(held_connect)))
+    flush.start()
+    try:
+        assert inside.wait(30)
+        h.add(run._replace(status="failed"))
+        sender: list[bool] = []
+        t = threading.Thread(target=lambda: sender.append(deliver(lambda: transport, False)))
+        t.start()
+        # Until it has returned, or waits for the flush's delivery (its
+        # innermost frame: the lock is taken in C).
+        deadline = time.monotonic() + 30
+        while t.is_alive() and time.monotonic() < deadline:
+            frame = sys._current_frames().get(t.ident or 0)
+            if frame is not None and frame.f_code.co_name == "deliver":
+                break
+            time.sleep(0.001)
+        assert sender == [False]  # returned, nothing taken
+        assert (flush.is_alive(), h.pending()) == (True, 1)
+    finally:
+        go.set()
+        flush.join(30)
+    assert first == [True]
+    assert host_group(pushgateway) == {"success": 1}
+    assert deliver(lambda: transport) is True
+    assert host_group(pushgateway) == {"success": 1, "failed": 1}
+    transport.close()
