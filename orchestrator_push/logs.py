@@ -22,7 +22,7 @@ P = ParamSpec("P")
 
 NAME = "orchestrator_push"
 #: logging's levels, its documented values, without importing it
-DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+INFO, WARNING, ERROR = 20, 30, 40
 
 _logger: Logger | None = None
 _setups: list[Callable[[Logger], None]] = []
