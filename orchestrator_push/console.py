@@ -16,9 +16,9 @@ not the command's, and this module removes them:
   ``urllib.request`` and more, none of which a push of ours calls (it sends
   with :mod:`http.client`): about 9 ms (Python 3.11). ``exec`` imports it
   with placeholders for those names (:func:`import_without`).
-- :mod:`logging` (about 4 ms) and :mod:`encodings.idna` when nothing needs
-  them: ``exec`` forks only to exec its command, so its threads may import
-  them at first use (preimport.py).
+- :mod:`logging` (about 4 ms) when nothing is logged, and :mod:`encodings.idna`
+  before a connection needs it: ``exec`` starts no thread, so nothing is
+  imported ahead of a thread (preimport.py).
 - :mod:`inspect`, about 4 ms, which :mod:`dataclasses` imports and, before
   Python 3.12, uses only for a class without a docstring: deferred alike.
 - The collector: about 4 ms of collections while the imports build their
@@ -37,8 +37,6 @@ import threading
 from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
-
-from . import preimport
 
 if TYPE_CHECKING:
     from importlib.abc import Loader
@@ -153,7 +151,6 @@ def lighten(command: str | None) -> None:
     defer_init("prometheus_client")
     if command == "exec":  # the operator's commands may serve, fetch and log
         import_without("prometheus_client.exposition", SERVER_SIDE)
-        preimport.threads_may_import()
         if sys.version_info < (3, 12):  # later, dataclasses reads annotations with it
             defer_init("inspect")
 

@@ -4,7 +4,9 @@ Recording folds the record into its group's state on the caller's thread,
 under one short lock, with no I/O (table.py): memory grows with groups, never
 with records, and a burst of any size drops and spools nothing. One daemon
 thread pushes the dirty groups every ``interval`` (sender.py) and replays the
-spool (replayer.py). Every loss goes through the ledger (ledger.py). After
+spool (replayer.py); an engine made with ``thread=False`` (``exec``'s, whose
+main thread only waits for its command) has its owner do that on its own thread
+(:meth:`Engine.drive`). Every loss goes through the ledger (ledger.py). After
 ``fork()`` the child gets a fresh, empty engine: what the parent recorded is
 the parent's to send.
 """
@@ -65,9 +67,11 @@ class Engine:
         config: Config,
         *,
         transport: Callable[[Config], Transport] = connect,
+        thread: bool = True,
     ) -> None:
         self.config = config
         self._make_transport = transport
+        self._driven = not thread  # the owner calls drive(): no thread of ours
         self._closed = False
         self._init_state()
         _engines.add(self)
@@ -95,7 +99,9 @@ class Engine:
             c, self._table, self._lock, self._ledger, self._keep, self._after_cycle
         )
         self._started = False
-        self._synchronous = False  # no thread could be started: deliver on the caller's
+        self._synchronous = False  # no thread: deliver on the caller's
+        self._here_lock = threading.Lock()  # the caller's transport, and its cycles
+        self._here_transport: Transport | None = None
         self._exiting = False  # the interpreter is exiting: no more replays, deliver at once
         # started, not synchronous, not exiting: a start needs nothing but its fold
         self._steady = False
@@ -289,8 +295,8 @@ class Engine:
             self._too_many_groups()
         if not self._started:
             self._start()
-        if self._synchronous or self._exiting:
-            # past the exit flush, or no thread: nobody else will deliver it
+        if self._exiting or (self._synchronous and not self._driven):
+            # past the exit flush, or no thread and no owner driving: nobody else will
             self._flush(self.config.flush_timeout, False)
 
     def _clean(self, rec: _R) -> _R | None:
@@ -334,6 +340,9 @@ class Engine:
             if self._started:
                 return
             self._started = True
+            if self._driven:
+                self._synchronous = True
+                return
             try:
                 self._sender.start(self._make_transport)
             except RuntimeError:  # interpreter shutdown (Python 3.12+): no new threads
@@ -343,9 +352,33 @@ class Engine:
 
     def start(self) -> None:
         """Start the sender now rather than at the first record, so the spool of
-        earlier processes is replayed while this one works (``exec`` does)."""
+        earlier processes is replayed while this one works."""
         if self.config.enabled and not self._closed:
             self._start()
+
+    def drive(self) -> float | None:
+        """For an engine made with ``thread=False``: do on the caller's thread
+        what the sender's thread does, when it is due (at the first call, the
+        spool of earlier processes; then the dirty groups each interval). The
+        seconds until the next call is due (an earlier one is harmless); None
+        when no call is needed (a threaded, closed or disabled engine). Never
+        raises."""
+        if not self._driven or self._closed or not self.config.enabled:
+            return None
+        try:
+            if not self._started:
+                self._start()
+            with self._here_lock:
+                return self._sender.drive(self._here())
+        except Exception:  # as the thread: the next call tries again
+            warn_limited("cycle", "orchestrator_push: sender cycle failed", level=ERROR)
+            return self.config.interval
+
+    def _here(self) -> Transport:
+        """The caller's transport (no thread), made at the first use; under _here_lock."""
+        if self._here_transport is None:
+            self._here_transport = self._make_transport(self.config)
+        return self._here_transport
 
     # -- flush and shutdown ------------------------------------------------------
 
@@ -367,8 +400,7 @@ class Engine:
                 target = self._table.seq
             counts = partial(self._deliver_host_counts, deadline, exiting=not replay)
             if self._synchronous:
-                settled = self._deliver_here(target, deadline)
-                counts()
+                settled = self._deliver_here(target, deadline, exiting=not replay)
             elif not self._started:
                 settled = True
                 counts()
@@ -470,20 +502,27 @@ class Engine:
             with s.settled_cv:
                 s.flushing -= 1
 
-    def _deliver_here(self, target: int, deadline: float) -> bool:
-        """No thread can run (interpreter shutdown): push on the caller's thread,
-        retrying until the deadline."""
-        transport = self._make_transport(self.config)
-        try:
-            while True:
-                self._sender.cycle(transport)
-                if self._sender.settled >= target:
-                    return True
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
-        finally:
-            transport.close()
+    def _deliver_here(self, target: int, deadline: float, *, exiting: bool) -> bool:
+        """No thread (none wanted, or none can start at interpreter shutdown):
+        push on the caller's thread, retrying until the deadline, then the
+        host's counts, one after the other on one connection."""
+        s = self._sender
+        with self._here_lock:
+            transport = self._here()
+            with s.settled_cv:
+                s.flushing += 1  # failed groups retried each FLUSH_RETRY, not after backoff
+            try:
+                while True:
+                    s.cycle(transport)
+                    settled = s.settled >= target
+                    if settled or time.monotonic() >= deadline:
+                        break
+                    time.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
+            finally:
+                with s.settled_cv:
+                    s.flushing -= 1
+            self._deliver_host_counts(deadline, exiting=exiting, transport=transport)
+            return settled
 
     def _spool_pending(self) -> bool:
         """Move everything not yet delivered to the spool. True if it all went."""
@@ -563,6 +602,10 @@ class Engine:
         t = self._sender.thread
         if t is not None and t.is_alive() and t is not threading.current_thread():
             t.join(1.0)
+        with self._here_lock:
+            here, self._here_transport = self._here_transport, None
+        if here is not None:
+            here.close()
         return delivered
 
     def flush_at_exit(self) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -45,15 +47,15 @@ def run_and_report(
     (seconds from one run's end to the next's start): when the next run is
     due, pushed at the start (cron) or at the end (every), with ``grace``."""
     config = load_config(job=job)  # raises ConfigError before the command runs
-    engine = Engine(config)
-    engine.start()  # earlier runs' spool is replayed while the command runs
+    # No thread: this one waits for the command, and pushes meanwhile (_wait)
+    engine = Engine(config, thread=False)
     started_wall, started = time.time(), time.monotonic()
     # at the gateway within one push interval, so a run that never ends is seen
     engine.record_start("exec", flow, task, at=started_wall, timeout=timeout)
     if schedule is not None:
         _record_tick(engine, schedule, flow, task, started_wall, grace)
-    code = _run(cmd, timeout)
-    duration = time.monotonic() - started
+    code, ended = _run(cmd, engine, timeout)
+    duration = ended - started
     if every is not None:
         from .schedules import default_grace
 
@@ -122,36 +124,86 @@ def _record_tick(
     )
 
 
-def _run(cmd: Sequence[str], timeout: float | None = None) -> int:
+def _run(cmd: Sequence[str], engine: Engine, timeout: float | None = None) -> tuple[int, float]:
+    """The command's exit code, and when it ended (monotonic). Its signals are
+    handled on this thread whatever it is doing (a push in progress included),
+    so they take effect at once: the forwarded ones, --timeout's (SIGALRM)
+    and the command's exit (SIGCHLD)."""
     try:
         proc = subprocess.Popen(list(cmd))
     except OSError as exc:
         print(f"orchestrator-push: cannot start {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
-        return CANNOT_START
+        return CANNOT_START, time.monotonic()
+    ended: list[float] = []
+    stopped: list[bool] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         with contextlib.suppress(OSError):
             proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    def child(_signum: int, _frame: FrameType | None) -> None:
+        # The last SIGCHLD is the exit: its time ends the duration, not when
+        # this thread (maybe in a push to a slow gateway) gets to see it.
+        ended[:] = [time.monotonic()]
+
+    def alarm(_signum: int, _frame: FrameType | None) -> None:
+        if stopped:  # KILL_AFTER later, still running
+            forward(signal.SIGKILL, None)
+            return
+        stopped.append(True)
+        # os.write: this may interrupt a write to sys.stderr, which is not reentrant
+        os.write(
+            2,
+            f"orchestrator-push: {cmd[0]!r} still running after {timeout:g}s (--timeout); "
+            "stopping it\n".encode(errors="replace"),
+        )
+        forward(signal.SIGTERM, None)
+        signal.setitimer(signal.ITIMER_REAL, KILL_AFTER)
+
+    handlers = dict.fromkeys(FORWARDED, forward) | {signal.SIGCHLD: child}
+    if timeout is not None:
+        handlers[signal.SIGALRM] = alarm
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    if timeout is not None:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        if timeout is None:
-            return exit_code(proc.wait())
-        try:
-            return exit_code(proc.wait(timeout))
-        except subprocess.TimeoutExpired:
-            print(
-                f"orchestrator-push: {cmd[0]!r} still running after {timeout:g}s (--timeout); "
-                "stopping it",
-                file=sys.stderr,
-            )
-            proc.terminate()
-            try:
-                proc.wait(KILL_AFTER)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            return TIMED_OUT
+        code = exit_code(_wait(proc, engine))
+        return TIMED_OUT if stopped else code, ended[0] if ended else time.monotonic()
     finally:
+        if timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _wait(proc: subprocess.Popen[bytes], engine: Engine) -> int:
+    """Wait for the command, pushing on this thread what is due meanwhile: the
+    start, then what the spool holds. Its returncode."""
+    pidfd = _pidfd(proc.pid)
+    try:
+        while not _exited(proc, pidfd, engine.drive()):
+            pass
+        return proc.wait()
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor readable once the process exits (Linux 5.3+), which select
+    waits on with a timeout; Popen.wait with one polls, up to 50 ms late."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _exited(proc: subprocess.Popen[bytes], pidfd: int | None, wait: float | None) -> bool:
+    """Whether the command exited within ``wait`` seconds (None: waits for it)."""
+    if pidfd is not None:
+        return bool(select.select([pidfd], [], [], wait)[0])
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

@@ -11,9 +11,8 @@ first push. So the caller's thread imports, before a thread of ours starts:
 - :mod:`logging`, for the threads' first warning (logs.py imports it at the
   first line).
 
-A process that forks only to exec a program (``orchestrator-push exec``: a
-subprocess) skips this, and its start-up is spared what nothing needs
-(:func:`threads_may_import`).
+``orchestrator-push exec`` starts no thread (its engine is driven by the
+thread that waits for the command): its start-up is spared both.
 """
 
 from __future__ import annotations
@@ -29,9 +28,3 @@ def before_threads() -> None:
         import logging  # noqa: F401
 
         _done = True
-
-
-def threads_may_import() -> None:
-    """This process forks only to exec a program: our threads may import at first use."""
-    global _done
-    _done = True

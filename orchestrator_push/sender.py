@@ -117,6 +117,7 @@ class Sender:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self._next_beat = 0.0
+        self._drive_at: float | None = None  # driven (no thread): the next step's time
         #: The push interval now: the configured one, stretched while the gateway is slow.
         self.interval = config.interval
 
@@ -138,9 +139,7 @@ class Sender:
     def _run(self, make_transport: Callable[[Config], Transport]) -> None:
         transport = make_transport(self._config)
         try:
-            with self._cycle_lock:  # at start: the spool of earlier processes, meanwhile
-                if not self.stopping:
-                    self._after_cycle(transport)
+            self._begin(transport)
             while not self.stopping:
                 self._wake.wait(self._next_wait())
                 self._wake.clear()
@@ -150,6 +149,26 @@ class Sender:
                     warn_limited("cycle", "orchestrator_push: sender cycle failed", level=ERROR)
         finally:
             transport.close()
+
+    def _begin(self, transport: Transport) -> None:
+        with self._cycle_lock:  # at start: the spool of earlier processes, meanwhile
+            if not self.stopping:
+                self._after_cycle(transport)
+
+    def drive(self, transport: Transport) -> float:
+        """The thread's loop one step at a time, on the caller's thread (an
+        engine without a thread): a step when one is due. The seconds until the
+        next is due."""
+        now = time.monotonic()
+        if self._drive_at is None:
+            self._begin(transport)
+        elif now >= self._drive_at:
+            self.cycle(transport)
+        else:
+            return self._drive_at - now
+        wait = self._next_wait()
+        self._drive_at = time.monotonic() + wait
+        return wait
 
     def _next_wait(self) -> float:
         wait = self.interval

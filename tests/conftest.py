@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import gateway
+import proxy as proxy_
 
 # A test run started in the background by a non-interactive shell (`cmd &` in
 # a CI script) inherits SIGINT and SIGQUIT ignored, and so does every process
@@ -30,6 +31,14 @@ def pushgateway() -> Iterator[gateway.Pushgateway]:
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
     yield from gateway.running()
+
+
+@pytest.fixture
+def proxy(pushgateway: gateway.Pushgateway) -> Iterator[proxy_.Proxy]:
+    """A fault-injecting proxy in front of ``pushgateway`` (proxy.py)."""
+    p = proxy_.Proxy(pushgateway.port)
+    yield p
+    p.stop()
 
 
 @pytest.fixture

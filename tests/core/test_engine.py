@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -198,6 +199,29 @@ def test_cumulative_counts_and_histogram(pushgateway: Pushgateway) -> None:
     assert g.value(f"{NS}_task_duration_seconds", status="failed", le="10") == 0
     assert g.value(f"{NS}_task_duration_seconds", status="failed", le="30") == 3
     assert not any(name.endswith("_created") for name in g.metrics)
+
+
+def test_without_a_thread_the_owner_drives_it(pushgateway: Pushgateway) -> None:
+    threads = threading.enumerate()
+    e = op.Engine(op.load_config({}, url=pushgateway.url, interval=0.2), thread=False)
+    _engines.append(e)
+    e.record_start("exec", "nightly", "load", at=1_700_000_000.0)
+    first = e.drive()  # the spool's turn: the start waits for its interval
+    assert first is not None and 0 < first <= 0.2
+    assert pushgateway.groups() == []
+    wait_until(lambda: (e.drive() or 0) > 0 and e.pending() == 0 and pushgateway.groups(), 10,
+               what="the start, pushed by drive()")
+    g = pushgateway.group(job="exec", flow="nightly", task="load")
+    assert g.value(f"{NS}_task_last_start_timestamp_seconds") == 1_700_000_000.0
+    e.record_task(task("success", end=1_700_000_100.0, framework="exec"))
+    assert e.flush(10)  # on this thread
+    g = pushgateway.group(job="exec", flow="nightly", task="load")
+    assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 1_700_000_100.0
+    assert threading.enumerate() == threads
+    threaded = op.Engine(op.load_config({}, url=pushgateway.url))
+    _engines.append(threaded)
+    assert threaded.drive() is None
+    assert e.close(0) and e.drive() is None
 
 
 def test_gateway_down_then_up_delivers_from_memory() -> None:

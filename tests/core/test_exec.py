@@ -11,6 +11,7 @@ import time
 
 import pytest
 from gateway import Pushgateway, free_port, wait_until
+from proxy import Proxy
 
 NS = "orchestrator"
 
@@ -163,6 +164,8 @@ def test_the_start_is_at_the_gateway_while_the_command_runs(pushgateway: Pushgat
 
         start = wait_until(started, 10, what="the start, while the command runs")
         assert before <= start <= time.time()
+        # pushed by exec's own thread, the only one: one record needs no other
+        assert os.listdir(f"/proc/{proc.pid}/task") == [str(proc.pid)]
         g = pushgateway.group(job="long", flow="long", task="main")
         assert g.value(f"{NS}_task_timeout_seconds") == 3600
         assert f"{NS}_task_last_completion_timestamp_seconds" not in g.metrics
@@ -175,6 +178,73 @@ def test_the_start_is_at_the_gateway_while_the_command_runs(pushgateway: Pushgat
     g = pushgateway.group(job="long", flow="long", task="main")
     assert g.value(f"{NS}_task_last_start_timestamp_seconds") == start
     assert g.value(f"{NS}_task_last_completion_timestamp_seconds") > start
+
+
+def test_earlier_runs_spool_is_replayed_while_the_command_runs(
+        pushgateway: Pushgateway, tmp_path: object) -> None:
+    spool = str(tmp_path)
+    env = {"ORCHESTRATOR_PUSH_SPOOL_DIR": spool, "ORCHESTRATOR_PUSH_FLUSH_TIMEOUT": "0.5",
+           "ORCHESTRATOR_PUSH_TIMEOUT": "0.5"}
+    down = run(["exec", "--job", "earlier", "--", "sh", "-c", "exit 3"],
+               f"http://127.0.0.1:{free_port()}", env=env)
+    assert down.returncode == 3 and "spooled to" in down.stderr, down.stderr
+    proc = subprocess.Popen([*cli(), "exec", "--job", "later", "--", "cat"],
+                            env={**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url, **env},
+                            stdin=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdin is not None
+
+        def replayed() -> float | None:
+            try:
+                g = pushgateway.group(job="earlier", flow="earlier", task="main")
+            except KeyError:
+                return None
+            return g.value(f"{NS}_task_last_exit_code")
+
+        assert wait_until(replayed, 10, what="the earlier run, replayed") == 3
+        assert proc.poll() is None  # while the command runs, not at its end
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert pushgateway.group(job="later", flow="later", task="main")
+
+
+def test_a_push_in_progress_when_the_command_ends_is_not_in_its_duration(
+        pushgateway: Pushgateway, proxy: Proxy) -> None:
+    # exec pushes on the thread that waits for the command: the start's push,
+    # answered 2 s late, is in progress when the command ends at 0.5 s
+    proxy.delay = 2.0
+    p = run(["exec", "--job", "timed", "--", "sleep", "0.5"], proxy.url,
+            env={"ORCHESTRATOR_PUSH_INTERVAL": "0.1", "ORCHESTRATOR_PUSH_TIMEOUT": "5",
+                 "ORCHESTRATOR_PUSH_FLUSH_TIMEOUT": "20"})
+    assert p.returncode == 0, p.stderr
+    assert proxy.requests >= 2  # the start, then the end: the start was on its own
+    g = pushgateway.group(job="timed", flow="timed", task="main")
+    assert 0.5 <= g.value(f"{NS}_task_last_duration_seconds") < 2.0
+
+
+def test_timeout_stops_the_command_during_a_push_that_hangs(
+        pushgateway: Pushgateway, proxy: Proxy) -> None:
+    proxy.hold.set()  # the start's push gets no answer until the test says so
+    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": proxy.url, "ORCHESTRATOR_PUSH_INTERVAL": "0.1",
+           "ORCHESTRATOR_PUSH_TIMEOUT": "30", "ORCHESTRATOR_PUSH_FLUSH_TIMEOUT": "30"}
+    proc = subprocess.Popen([*cli(), "exec", "--job", "hung", "--timeout", "1s", "--",
+                             "sleep", "30"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert "(--timeout); stopping it" in proc.stderr.readline()
+        assert proxy.held == 1  # SIGTERM went while exec was in the push
+        proxy.hold.clear()
+        assert proc.wait(60) == 124
+    finally:
+        proxy.hold.clear()
+        if proc.poll() is None:
+            proc.kill()
+    g = pushgateway.group(job="hung", flow="hung", task="main")
+    assert g.value(f"{NS}_task_last_exit_code") == 124
+    assert 1.0 <= g.value(f"{NS}_task_last_duration_seconds") < 30
 
 
 def test_a_killed_exec_leaves_its_start_without_a_completion(pushgateway: Pushgateway) -> None:

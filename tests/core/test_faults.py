@@ -13,9 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 from gateway import Pushgateway, free_port, start, wait_until
 from proxy import Proxy
 
@@ -51,13 +49,6 @@ def attempts_in(e: op.Engine, seconds: float) -> int:
     before = sum(e.stats().push_failures.values())
     time.sleep(seconds)  # an observation window, not a synchronisation
     return sum(e.stats().push_failures.values()) - before
-
-
-@pytest.fixture
-def proxy(pushgateway: Pushgateway) -> Iterator[Proxy]:
-    p = Proxy(pushgateway.port)
-    yield p
-    p.stop()
 
 
 def test_down_for_the_whole_run_then_started() -> None:

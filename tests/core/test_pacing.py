@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 from gateway import Pushgateway, wait_until
 from proxy import Proxy
 
@@ -36,13 +34,6 @@ def test_a_quick_cycle_halves_the_interval_back_and_a_steady_load_stays_put() ->
     # 20 groups over a 40 ms link take 0.8 s a cycle: 2 s is where that settles
     assert paced(1.0, 1.0, spent=0.8, congested=False) == 2.0
     assert paced(2.0, 1.0, spent=0.8, congested=False) == 2.0
-
-
-@pytest.fixture
-def proxy(pushgateway: Pushgateway) -> Iterator[Proxy]:
-    p = Proxy(pushgateway.port)
-    yield p
-    p.stop()
 
 
 def test_a_slow_gateway_gets_fewer_pushes_and_the_interval_comes_back(
