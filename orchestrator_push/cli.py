@@ -85,6 +85,21 @@ exit codes: 0 every check passed; 1 a check failed (its fix is printed).
 """
 
 
+#: While the parser is built: argparse makes a formatter to check each argument
+#: added, and one without a width reads the terminal's with shutil (about 2 ms
+#: of imports an `exec` has no use for). Help and errors get the terminal's.
+_BUILDING = partial(argparse.RawDescriptionHelpFormatter, width=80)
+
+
+def _ready(
+    p: argparse.ArgumentParser, sub: argparse._SubParsersAction[argparse.ArgumentParser]
+) -> argparse.ArgumentParser:
+    """Every argument checked: help and errors get the terminal's width."""
+    for parser in (p, *sub.choices.values()):
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return p
+
+
 def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
     """The command line; ``exec_only``: without the operator's commands, which
     an ``exec`` would build only to skip (it starts with every cron run)."""
@@ -92,7 +107,7 @@ def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
         prog="orchestrator-push",
         description="Report task outcomes to a Prometheus Pushgateway.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_BUILDING,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     ex = sub.add_parser(
@@ -101,7 +116,7 @@ def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
         description="Run COMMAND with this process's stdin/stdout/stderr, exit with its exit "
         "code, and push its duration, outcome and exit code to the Pushgateway.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_BUILDING,
     )
     ex.add_argument("--job", required=True, help="value of the job grouping label")
     ex.add_argument("--flow", help="value of the flow label (default: the job name)")
@@ -142,7 +157,7 @@ def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
     ex.add_argument("-v", "--verbose", action="store_true", help="log delivery details to stderr")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     if exec_only:
-        return p
+        return _ready(p, sub)
 
     def admin_parser(
         name: str, help: str, description: str, epilog: str
@@ -152,7 +167,7 @@ def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
             help=help,
             description=description,
             epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_BUILDING,
         )
         sp.add_argument(
             "--url",
@@ -229,7 +244,7 @@ def _parser(exec_only: bool = False) -> argparse.ArgumentParser:
     doc.add_argument(
         "--prometheus", metavar="URL", help="Prometheus to check, e.g. http://prometheus:9090"
     )
-    return p
+    return _ready(p, sub)
 
 
 def _duration(text: str) -> float:

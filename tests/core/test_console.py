@@ -37,7 +37,8 @@ def test_the_console_script_collects_garbage_while_the_command_runs() -> None:
 NOT_FOR_ONE_RECORD = ("prometheus_client.metrics", "prometheus_client.process_collector",
                       *SERVER_SIDE, "logging", "orchestrator_push.schedules", "zoneinfo",
                       "cronsim", "orchestrator_push.admin", "orchestrator_push.doctor",
-                      "orchestrator_push.groups", "orchestrator_push.gateways")
+                      "orchestrator_push.groups", "orchestrator_push.gateways",
+                      "shutil")
 
 
 #: inspect is deferred, not left out: what its code imports says whether it ran.

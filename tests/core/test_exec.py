@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -133,6 +134,19 @@ def test_usage_errors(args: list[str]) -> None:
 def test_help_shows_examples() -> None:
     p = run(["exec", "--help"], "http://127.0.0.1:1")
     assert p.returncode == 0 and "orchestrator-push exec --job nightly-backup" in p.stdout
+
+
+@pytest.mark.parametrize("args", [["exec", "--help"], ["status", "--help"], ["exec"]])
+def test_help_and_errors_fit_the_terminal(args: list[str]) -> None:
+    widths = {}
+    for columns in (60, 200):
+        p = run(args, "http://127.0.0.1:1", env={"COLUMNS": str(columns)})
+        out = p.stdout or p.stderr
+        assert out.startswith("usage: orchestrator-push"), out
+        lines = out.splitlines()
+        usage = [lines[0], *itertools.takewhile(lambda line: line.startswith(" "), lines[1:])]
+        widths[columns] = max(len(line) for line in usage)
+    assert widths[60] < 78 < widths[200] <= 200, widths  # not the 80 columns it was built with
 
 
 def test_delivery_happens_before_exit(pushgateway: Pushgateway) -> None:
