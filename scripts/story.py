@@ -12,7 +12,9 @@ until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,7 +78,10 @@ def _run(
     return p
 
 
-_SPOOL = tempfile.mkdtemp(prefix="orchestrator-push-story-")
+#: Everything the story writes (spool, Airflow's and Prefect's homes), removed at its exit.
+_WORK = tempfile.mkdtemp(prefix="orchestrator-push-story-")
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)
+_SPOOL = tempfile.mkdtemp(prefix="spool-", dir=_WORK)
 
 
 def _base_env(gateway: Pushgateway) -> dict[str, str]:
@@ -178,7 +183,7 @@ def run_celery(gateway: Pushgateway, say: Say = print) -> None:
 
 def run_airflow(gateway: Pushgateway, say: Say = print) -> None:
     python = framework_python("airflow", say)
-    home = tempfile.mkdtemp(prefix="op-story-airflow-")
+    home = tempfile.mkdtemp(prefix="airflow-", dir=_WORK)
     bindir = os.path.dirname(python)
     env = {
         **_base_env(gateway),
@@ -199,7 +204,7 @@ def run_prefect(gateway: Pushgateway, say: Say = print) -> None:
     python = framework_python("prefect", say)
     env = {
         **_base_env(gateway),
-        "PREFECT_HOME": tempfile.mkdtemp(prefix="op-story-prefect-"),
+        "PREFECT_HOME": tempfile.mkdtemp(prefix="prefect-", dir=_WORK),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }

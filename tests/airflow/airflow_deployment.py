@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def deploy(url: str, extra: dict[str, str], dag_ids: tuple[str, ...],
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def airflow_time(text: str) -> float:

@@ -17,8 +17,8 @@ HERE = os.path.dirname(__file__)
 
 
 @pytest.fixture(scope="module")
-def airflow_env() -> Iterator[dict[str, str]]:
-    home = tempfile.mkdtemp(prefix="op-airflow-")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = str(tmp_path_factory.mktemp("airflow-home"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_PUSH_")}
     env.update({"AIRFLOW_HOME": home, "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__DAGS_FOLDER": HERE})
@@ -30,12 +30,12 @@ def airflow_env() -> Iterator[dict[str, str]]:
 
 
 def run_sample(env: dict[str, str], **extra: str) -> subprocess.CompletedProcess[str]:
-    marker = tempfile.mkdtemp(prefix="op-marker-")
-    # a spool (and host count store) of each run's own, never the user's
-    extra.setdefault("ORCHESTRATOR_PUSH_SPOOL_DIR", os.path.join(marker, "spool"))
-    return subprocess.run([sys.executable, os.path.join(HERE, "sample_dag.py")],
-                          env={**env, "SAMPLE_MARKER_DIR": marker, **extra},
-                          capture_output=True, text=True, timeout=300)
+    with tempfile.TemporaryDirectory(prefix="op-marker-") as marker:
+        # a spool (and host count store) of each run's own, never the user's
+        extra.setdefault("ORCHESTRATOR_PUSH_SPOOL_DIR", os.path.join(marker, "spool"))
+        return subprocess.run([sys.executable, os.path.join(HERE, "sample_dag.py")],
+                              env={**env, "SAMPLE_MARKER_DIR": marker, **extra},
+                              capture_output=True, text=True, timeout=300)
 
 
 EXPECTED_STATES = {"ok[-1]": "success", "fail[-1]": "failed", "flaky[-1]": "success",
@@ -129,9 +129,10 @@ def test_airflow_cfg_section_is_read(airflow_env: dict[str, str], pushgateway: P
         assert s["60"] == s["3600"] == s["+Inf"] == s["count"]
 
 
-def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str]) -> None:
+def test_gateway_down_leaves_outcomes_unchanged(airflow_env: dict[str, str],
+                                                 tmp_path: object) -> None:
     port = free_port()
-    spool = tempfile.mkdtemp(prefix="op-spool-")
+    spool = str(tmp_path)
     p = run_sample(airflow_env, ORCHESTRATOR_PUSH_URL=f"http://127.0.0.1:{port}",
                    ORCHESTRATOR_PUSH_FLUSH_TIMEOUT="1", ORCHESTRATOR_PUSH_TIMEOUT="1",
                    ORCHESTRATOR_PUSH_SPOOL_DIR=spool)
@@ -171,8 +172,9 @@ def test_an_invalid_airflow_setting_names_where_it_was_set(airflow_env: dict[str
     assert "AIRFLOW__ORCHESTRATOR_PUSH__INTERVAL" in p.stdout
 
 
-def test_an_unreadable_airflow_cfg_section_is_logged(airflow_env: dict[str, str]) -> None:
-    home = tempfile.mkdtemp(prefix="op-airflow-broken-")
+def test_an_unreadable_airflow_cfg_section_is_logged(airflow_env: dict[str, str],
+                                                      tmp_path: object) -> None:
+    home = str(tmp_path)
     with open(os.path.join(airflow_env["AIRFLOW_HOME"], "airflow.cfg")) as f:
         cfg = f.read()
     with open(os.path.join(home, "airflow.cfg"), "w") as f:

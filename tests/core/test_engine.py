@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -258,8 +257,8 @@ def test_gateway_down_then_up_delivers_from_the_spool(tmp_path: object) -> None:
         gw.stop()
 
 
-def test_flush_with_gateway_down_is_bounded() -> None:
-    for spool_dir in (None, tempfile.mkdtemp()):
+def test_flush_with_gateway_down_is_bounded(tmp_path: object) -> None:
+    for spool_dir in (None, str(tmp_path)):
         e = engine_for(f"http://127.0.0.1:{free_port()}", timeout=0.5, spool_dir=spool_dir)
         e.record_task(task("success"))
         started = time.monotonic()
