@@ -25,13 +25,18 @@ not the command's, and this module removes them:
   objects, about 12 ms of a last collection over all of them at exit. Frozen
   objects are never collected, which only a process about to end can afford
   for all of them.
+- The interpreter's teardown at ``exec``'s exit, about 7 ms of freeing every
+  module's objects one by one: :func:`exit_now`.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
 import importlib
 import importlib.util
+import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -156,8 +161,9 @@ def lighten(command: str | None) -> None:
 
 
 def run() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 else None
     gc.disable()
-    lighten(sys.argv[1] if len(sys.argv) > 1 else None)
+    lighten(command)
     from .cli import main  # the imports: nothing they build is garbage
 
     # Collections go on while the command runs (it may run for hours), over
@@ -166,4 +172,20 @@ def run() -> None:
     gc.enable()
     code = main()
     gc.freeze()  # main() has closed what it opened: the exit frees the rest
+    if command == "exec":
+        exit_now(code)
     sys.exit(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a process that has finished its work and has no thread (``exec``'s:
+    its command reaped, its pushes made, its connection closed) without the
+    interpreter's teardown, which frees every module's objects one by one
+    (about 7 ms, for what the system frees at once). What a normal exit does
+    that matters still happens: the exit handlers run, the standard streams
+    are flushed (a closed pipe does not change the exit code, the command's)."""
+    atexit._run_exitfuncs()  # private, stable since 3.0: what the teardown would call
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

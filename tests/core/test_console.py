@@ -55,7 +55,10 @@ def test_exec_imports_only_what_one_record_needs(pushgateway: Pushgateway) -> No
         from orchestrator_push.console import run
         run()
         """)
-    env = {**os.environ, "ORCHESTRATOR_PUSH_URL": pushgateway.url}
+    # stdout buffered, as a pipe's is: exec's fast exit still flushes what
+    # its exit handlers (here the probe's) print
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+           "ORCHESTRATOR_PUSH_URL": pushgateway.url}
     p = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                        timeout=60, cwd="/")
     assert (p.returncode, p.stdout, p.stderr) == (0, "[] True\n", "")
