@@ -400,7 +400,7 @@ class Engine:
                 target = self._table.seq
             counts = partial(self._deliver_host_counts, deadline, exiting=not replay)
             if self._synchronous:
-                settled = self._deliver_here(target, deadline, exiting=not replay)
+                settled = self._deliver_here(target, deadline, replay=replay)
             elif not self._started:
                 settled = True
                 counts()
@@ -502,15 +502,20 @@ class Engine:
             with s.settled_cv:
                 s.flushing -= 1
 
-    def _deliver_here(self, target: int, deadline: float, *, exiting: bool) -> bool:
+    def _deliver_here(self, target: int, deadline: float, *, replay: bool) -> bool:
         """No thread (none wanted, or none can start at interpreter shutdown):
         push on the caller's thread, retrying until the deadline, then the
-        host's counts, one after the other on one connection."""
+        host's counts, one after the other on one connection. With ``replay``
+        and time left, the spool is offered too; otherwise no replay pass
+        starts: here it would hold the caller (a ``close(0)``) past the deadline."""
         s = self._sender
+        hold = not replay or time.monotonic() >= deadline
         with self._here_lock:
             transport = self._here()
             with s.settled_cv:
                 s.flushing += 1  # failed groups retried each FLUSH_RETRY, not after backoff
+                self._holding_replays += hold
+                self._replay_requested = self._replay_requested or not hold
             try:
                 while True:
                     s.cycle(transport)
@@ -521,7 +526,8 @@ class Engine:
             finally:
                 with s.settled_cv:
                     s.flushing -= 1
-            self._deliver_host_counts(deadline, exiting=exiting, transport=transport)
+                    self._holding_replays -= hold
+            self._deliver_host_counts(deadline, exiting=not replay, transport=transport)
             return settled
 
     def _spool_pending(self) -> bool:

@@ -223,6 +223,29 @@ def test_without_a_thread_the_owner_drives_it(pushgateway: Pushgateway) -> None:
     assert e.close(0) and e.drive() is None
 
 
+def test_without_a_thread_a_flush_offers_the_spool_only_with_time_left(tmp_path: object) -> None:
+    port = free_port()
+    config = op.load_config({}, url=f"http://127.0.0.1:{port}", spool_dir=str(tmp_path),
+                            interval=0.05, timeout=0.5)
+    e = op.Engine(config, thread=False)
+    _engines.append(e)
+    e.record_task(task("success", end=1234.0))
+    assert e.flush(0.3) is True  # not delivered, spooled
+    assert len(os.listdir(str(tmp_path))) == 1
+    gw = start(port=port)
+    try:
+        e.record_task(task("success", name="other", end=1300.0))
+        assert e.flush(0)  # its own record, on this thread; no replay pass past the deadline
+        assert gw.group(job="celery", flow="nightly", task="other")
+        assert len(os.listdir(str(tmp_path))) == 1
+        assert e.flush(15)  # time left: the spool is offered, as with a thread
+        g = gw.group(job="celery", flow="nightly", task="load")
+        assert g.value(f"{NS}_task_last_completion_timestamp_seconds") == 1234.0
+        assert e.stats().replayed == 1 and os.listdir(str(tmp_path)) == []
+    finally:
+        gw.stop()
+
+
 def test_gateway_down_then_up_delivers_from_memory() -> None:
     port = free_port()
     e = engine_for(f"http://127.0.0.1:{port}", spool_dir=None)
